@@ -1,0 +1,272 @@
+"""Typed, validated run configuration.
+
+Configs are dataclasses. Users give YAML files and ``key=value`` overrides; omegaconf merges them
+onto the dataclass schema (rejecting unknown keys and wrong types), then :func:`validate` checks
+ranges and allowed names. The ``strategy`` section is validated against the chosen strategy's own
+dataclass, so each algorithm owns its hyper-parameters (``strategy.server_lr``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+ENGINES = ("flower", "inprocess")
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value. ``field`` is the dotted key."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        super().__init__(f"config field '{field_name}': {message}")
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0  # seeds partitioning, initialisation, client sampling and local training
+    rounds: int = 20  # federated rounds
+    num_clients: int = 10  # clients (= partitions of the dataset)
+    clients_per_round: int = 10  # clients sampled each round (without replacement)
+    output_dir: str = "results/default"  # results folder (config, metrics.jsonl, summary.json, plots)
+    engine: str = "flower"  # flower: Flower simulation engine; inprocess: plain loop in this process
+    min_replies: int = 1  # a round with fewer valid replies is not applied to the server state
+    client_timeout_s: float = 600.0  # how long the server waits for a round's replies
+    max_upload_mb: float = 64.0  # replies whose arrays exceed this are rejected
+    progress: bool = True  # show a progress bar over rounds
+    num_cpus_per_client: float = 1.0  # Flower engine: CPU share of each simulated client
+    resume: bool = False  # continue from run.output_dir/checkpoint.pt if it exists
+
+
+@dataclass
+class PartitionerConfig:
+    name: str = "dirichlet"  # iid | dirichlet | pathological
+    alpha: float = 0.1  # dirichlet concentration (smaller = more label skew)
+    min_partition_size: int = 10  # dirichlet: resample until every client has this many samples
+    self_balancing: bool = False  # dirichlet: stop adding to clients above the average size
+    num_classes_per_partition: int = 2  # pathological: classes per client
+    class_assignment_mode: str = "first-deterministic"  # pathological: first-deterministic | random | deterministic
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"  # registered dataset name (see fedpers.data.list_datasets())
+    partitioner: PartitionerConfig = field(default_factory=PartitionerConfig)
+    test_fraction: float = 0.2  # share of each client's partition held out as its personal test split
+    min_test_size: int = 1  # a client whose test split is smaller than this is an error
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "vit_fedpers_digits"  # any timm ViT name
+    pretrained: bool = True  # load the backbone's pretrained weights (timm hub or fedpers' bundled file)
+    checkpoint: Optional[str] = None  # local weights file for the backbone (overrides pretrained)
+    num_prompts: int = 10  # K visual prompts inserted after the [CLS] token
+    prompt_init_std: float = 0.5  # std of randomly initialised prompts (fedvpt, local)
+    img_size: Optional[int] = None  # input size; default: the dataset's native size
+
+
+@dataclass
+class ClientConfig:
+    local_epochs: int = 2  # passes over the client's train split per round
+    lr: float = 0.1  # SGD learning rate for prompts and head
+    momentum: float = 0.9
+    weight_decay: float = 1e-3
+    batch_size: int = 32
+
+
+@dataclass
+class ExperimentConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    # Validated against the strategy's own dataclass (strategies.get_config_cls(name)).
+    strategy: Any = field(default_factory=lambda: {"name": "pfedpg"})
+
+
+def _schema() -> DictConfig:
+    return OmegaConf.structured(ExperimentConfig)
+
+
+def _strategy_config(raw: Any) -> Any:
+    from strategies import get_strategy_class, list_strategies
+
+    raw = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw or {})
+    name = raw.get("name", "pfedpg")
+    try:
+        cls = get_strategy_class(name)
+    except KeyError:
+        raise ConfigError("strategy.name", f"unknown strategy {name!r}; allowed: {', '.join(list_strategies())}") from None
+    schema = OmegaConf.structured(cls.config_cls)
+    try:
+        merged = OmegaConf.merge(schema, raw)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"strategy.{key}", _clean(e)) from None
+    return obj
+
+
+def _clean(e: Exception) -> str:
+    return str(e).split("\n")[0]
+
+
+def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """YAML file + dotlist overrides -> validated ExperimentConfig. Raises ConfigError."""
+    layers = []
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError("--config", f"file not found: {path}")
+        layers.append(OmegaConf.load(path))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(bad[0], "overrides must look like key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    return from_layers(layers)
+
+
+def from_layers(layers: list[Any]) -> ExperimentConfig:
+    """Merge layers (dicts/DictConfigs) onto the schema and validate."""
+    base = _schema()
+    strategy_layers = []
+    for layer in layers:
+        layer = OmegaConf.create(layer) if not isinstance(layer, DictConfig) else layer
+        layer = layer.copy()
+        if "strategy" in layer:
+            strategy_layers.append(layer.pop("strategy"))
+        try:
+            base = OmegaConf.merge(base, layer)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            raise ConfigError(key, _clean(e)) from None
+    strat = OmegaConf.merge({"name": "pfedpg"}, *strategy_layers) if strategy_layers else {"name": "pfedpg"}
+    cfg: ExperimentConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
+    cfg.strategy = _strategy_config(strat)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(field_name, message)
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Range and name checks that a type schema cannot express."""
+    from fedpers.data import list_datasets
+
+    r, d, m, c = cfg.run, cfg.data, cfg.model, cfg.client
+    _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
+    _require(r.num_clients >= 1, "run.num_clients", f"must be >= 1, got {r.num_clients}")
+    _require(
+        1 <= r.clients_per_round <= r.num_clients,
+        "run.clients_per_round",
+        f"must be in [1, run.num_clients={r.num_clients}], got {r.clients_per_round}",
+    )
+    _require(
+        1 <= r.min_replies <= r.clients_per_round,
+        "run.min_replies",
+        f"must be in [1, run.clients_per_round={r.clients_per_round}], got {r.min_replies}",
+    )
+    _require(r.engine in ENGINES, "run.engine", f"unknown engine {r.engine!r}; allowed: {', '.join(ENGINES)}")
+    _require(r.client_timeout_s > 0, "run.client_timeout_s", f"must be > 0, got {r.client_timeout_s}")
+    _require(r.max_upload_mb > 0, "run.max_upload_mb", f"must be > 0, got {r.max_upload_mb}")
+    _require(r.num_cpus_per_client > 0, "run.num_cpus_per_client", f"must be > 0, got {r.num_cpus_per_client}")
+    _require(bool(r.output_dir), "run.output_dir", "must not be empty")
+
+    datasets = list_datasets()
+    _require(d.dataset in datasets, "data.dataset", f"unknown dataset {d.dataset!r}; allowed: {', '.join(datasets)}")
+    p = d.partitioner
+    _require(
+        p.name in PARTITIONERS,
+        "data.partitioner.name",
+        f"unknown partitioner {p.name!r}; allowed: {', '.join(PARTITIONERS)}",
+    )
+    _require(p.alpha > 0, "data.partitioner.alpha", f"must be > 0, got {p.alpha}")
+    _require(p.min_partition_size >= 0, "data.partitioner.min_partition_size", f"must be >= 0, got {p.min_partition_size}")
+    _require(
+        p.num_classes_per_partition >= 1,
+        "data.partitioner.num_classes_per_partition",
+        f"must be >= 1, got {p.num_classes_per_partition}",
+    )
+    modes = ("first-deterministic", "random", "deterministic")
+    _require(
+        p.class_assignment_mode in modes,
+        "data.partitioner.class_assignment_mode",
+        f"unknown mode {p.class_assignment_mode!r}; allowed: {', '.join(modes)}",
+    )
+    _require(0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}")
+    _require(d.min_test_size >= 1, "data.min_test_size", f"must be >= 1, got {d.min_test_size}")
+
+    _require(bool(m.backbone), "model.backbone", "must name a timm ViT")
+    _require(m.num_prompts >= 1, "model.num_prompts", f"must be >= 1, got {m.num_prompts}")
+    _require(m.prompt_init_std >= 0, "model.prompt_init_std", f"must be >= 0, got {m.prompt_init_std}")
+    _require(m.img_size is None or m.img_size >= 1, "model.img_size", f"must be >= 1, got {m.img_size}")
+    if m.checkpoint is not None:
+        _require(Path(m.checkpoint).is_file(), "model.checkpoint", f"file not found: {m.checkpoint}")
+
+    _require(c.local_epochs >= 1, "client.local_epochs", f"must be >= 1, got {c.local_epochs}")
+    _require(c.lr > 0, "client.lr", f"must be > 0, got {c.lr}")
+    _require(0 <= c.momentum < 1, "client.momentum", f"must be in [0, 1), got {c.momentum}")
+    _require(c.weight_decay >= 0, "client.weight_decay", f"must be >= 0, got {c.weight_decay}")
+    _require(c.batch_size >= 1, "client.batch_size", f"must be >= 1, got {c.batch_size}")
+    validate_strategy = getattr(cfg.strategy, "validate", None)
+    if validate_strategy is not None:
+        validate_strategy()
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
+
+
+def from_yaml(text: str) -> ExperimentConfig:
+    return from_layers([OmegaConf.create(text)])
+
+
+def describe_fields() -> str:
+    """Every field with its type, default and comment, for --help / --show-config."""
+    import inspect
+
+    from strategies import get_strategy_class, list_strategies
+
+    lines: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        src = inspect.getsource(cls).splitlines()
+        comments = {}
+        for line in src:
+            s = line.strip()
+            if ":" in s and "#" in s and not s.startswith("#"):
+                comments[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
+        for f in dataclasses.fields(cls):
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config") and f.name != "strategy"):
+                sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                if dataclasses.is_dataclass(sub):
+                    walk(type(sub), key + ".")
+                    continue
+            if f.name == "strategy" and prefix == "":
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            lines.append(f"  {key:<42} {typ:<15} default={default!r:<22} {comments.get(f.name, '')}")
+
+    walk(ExperimentConfig, "")
+    for name in list_strategies():
+        cls = get_strategy_class(name)
+        lines.append(f"  -- strategy.name={name}: {cls.summary}")
+        walk(cls.config_cls, "strategy.")
+    return "\n".join(lines)

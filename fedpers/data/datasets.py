@@ -1,0 +1,132 @@
+"""Dataset registry. Each loader returns a ``datasets.Dataset`` with ``image`` and ``label`` columns.
+
+Images are float32 arrays shaped (C, H, W) in [0, 1]. Loaders that need the hub keep the real
+``datasets.load_dataset`` call (users have internet); the default works offline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+# Fraction of scikit-learn's digits reserved as *unlabelled* source data for pretraining the default
+# backbone. Those images never reach a federated client: the split is fixed (seed 0), independent of
+# run.seed, so the backbone never saw any client's data.
+DIGITS_SOURCE_FRACTION = 0.25
+_DIGITS_SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    loader: Callable[[], "object"]
+    description: str
+
+
+_REGISTRY: dict[str, DatasetInfo] = {}
+
+
+def register_dataset(name: str, num_classes: int, image_shape: tuple[int, int, int], description: str):
+    def deco(fn):
+        _REGISTRY[name] = DatasetInfo(name, num_classes, image_shape, fn, description)
+        return fn
+
+    return deco
+
+
+def list_datasets() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_dataset_info(name: str) -> DatasetInfo:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown dataset {name!r}; allowed: {', '.join(list_datasets())}")
+    return _REGISTRY[name]
+
+
+def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
+    labels = d.target.astype(np.int64)
+    order = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(len(labels))
+    n_source = int(round(DIGITS_SOURCE_FRACTION * len(labels)))
+    return images, labels, order[:n_source]
+
+
+def digits_source_images() -> np.ndarray:
+    """The unlabelled pretraining pool: disjoint from every client's data."""
+    images, _, source_idx = _digits_split()
+    return images[np.sort(source_idx)]
+
+
+def _to_hf(images: np.ndarray, labels: np.ndarray):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"image": images, "label": labels})
+
+
+@register_dataset(
+    "digits",
+    num_classes=10,
+    image_shape=(1, 8, 8),
+    description="scikit-learn's bundled handwritten digits (8x8 grayscale, 10 classes), minus the "
+    "25% held out as unlabelled backbone-pretraining data: 1,348 images. Offline.",
+)
+def load_digits_federated():
+    images, labels, source_idx = _digits_split()
+    keep = np.setdiff1d(np.arange(len(labels)), source_idx)
+    return _to_hf(images[keep], labels[keep])
+
+
+def load_hub_image_dataset(path: str, split: str = "train", image_key: str = "img", label_key: str = "label"):
+    """Load an image classification dataset from the Hugging Face hub (needs internet) or a local
+    folder saved with ``Dataset.save_to_disk``, as float (C, H, W) arrays in [0, 1]."""
+    from pathlib import Path
+
+    import datasets
+
+    if Path(path).is_dir():
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(path, split=split)
+
+    def convert(batch):
+        out = []
+        for img in batch[image_key]:
+            arr = np.asarray(img, dtype=np.float32)
+            if arr.ndim == 2:
+                arr = arr[None]
+            elif arr.ndim == 3 and arr.shape[-1] in (1, 3):
+                arr = arr.transpose(2, 0, 1)
+            out.append(arr / 255.0 if arr.max() > 1.0 else arr)
+        return {"image": out, "label": batch[label_key]}
+
+    return ds.map(convert, batched=True, remove_columns=ds.column_names)
+
+
+@register_dataset(
+    "cifar10",
+    num_classes=10,
+    image_shape=(3, 32, 32),
+    description="CIFAR-10 train split from the Hugging Face hub (uoft-cs/cifar10). Needs internet.",
+)
+def load_cifar10():
+    return load_hub_image_dataset("uoft-cs/cifar10", image_key="img", label_key="label")
+
+
+@register_dataset(
+    "cifar100",
+    num_classes=100,
+    image_shape=(3, 32, 32),
+    description="CIFAR-100 train split from the Hugging Face hub (uoft-cs/cifar100, fine labels). Needs internet.",
+)
+def load_cifar100():
+    return load_hub_image_dataset("uoft-cs/cifar100", image_key="img", label_key="fine_label")

@@ -1,0 +1,1 @@
+"""Flower integration: ServerApp/ClientApp (apps.py) and the simulation-engine launcher."""

@@ -1,0 +1,177 @@
+"""Flower ServerApp and ClientApp: thin translators between Flower Messages and fedpers payloads.
+
+The same two apps run under ``python -m fedpers.simulate`` (Flower's simulation engine) and under
+``flwr run`` (deployment). The server sends the resolved config with every message, so clients need
+no configuration of their own beyond their ``partition-id``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedpers.client import client_round
+from fedpers.config import ExperimentConfig, from_layers, from_yaml, to_yaml
+from fedpers.payload import Failure, Reply
+from fedpers.server import run_server
+
+log = logging.getLogger("fedpers")
+
+STATE_KEY = "fedpers.personal"
+NODE_DISCOVERY_TIMEOUT_S = 120.0
+
+
+class FlowerRunError(RuntimeError):
+    pass
+
+
+def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={k: Array.from_numpy_ndarray(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+class FlowerTransport:
+    """Round-trip payloads through a Flower Grid, addressing clients by partition id."""
+
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, discovery_timeout_s: float = NODE_DISCOVERY_TIMEOUT_S):
+        self.grid = grid
+        self.cfg_yaml = to_yaml(cfg)
+        self.pid_to_node = self._discover(cfg.run.num_clients, discovery_timeout_s)
+        self.node_to_pid = {n: p for p, n in self.pid_to_node.items()}
+
+    def _discover(self, num_clients: int, timeout_s: float) -> dict[int, int]:
+        """Node ids are random per run: ask every node for its partition id."""
+        deadline = time.monotonic() + timeout_s
+        mapping: dict[int, int] = {}
+        while time.monotonic() < deadline:
+            nodes = [n for n in self.grid.get_node_ids() if n not in mapping.values()]
+            if nodes:
+                msgs = [
+                    Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n, group_id="discover")
+                    for n in nodes
+                ]
+                for reply in self.grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
+                    if not reply.has_error() and "info" in reply.content:
+                        pid = int(reply.content["info"]["partition-id"])
+                        if pid in mapping:
+                            raise FlowerRunError(f"two nodes claim partition-id {pid}")
+                        mapping[pid] = reply.metadata.src_node_id
+            if len(mapping) >= num_clients:
+                break
+            time.sleep(0.5)
+        missing = sorted(set(range(num_clients)) - set(mapping))
+        if len(missing) == num_clients:
+            raise FlowerRunError(f"no client node answered within {timeout_s:.0f}s")
+        if missing:
+            log.warning("partitions %s have no node; they will count as missing replies", missing)
+        return mapping
+
+    def exchange(self, server_round: int, payloads: dict[int, dict[str, np.ndarray]], timeout: float):
+        out: dict[int, Reply | Failure] = {}
+        msgs = []
+        for pid, arrays in payloads.items():
+            node = self.pid_to_node.get(pid)
+            if node is None:
+                out[pid] = Failure(pid, "missing", "no node serves this partition")
+                continue
+            content = RecordDict({
+                "arrays": _to_record(arrays),
+                "config": ConfigRecord({"server_round": server_round, "config_yaml": self.cfg_yaml}),
+            })
+            msgs.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node,
+                                group_id=str(server_round)))
+        for reply in self.grid.send_and_receive(msgs, timeout=timeout):
+            pid = self.node_to_pid.get(reply.metadata.src_node_id)
+            if pid is None:
+                continue
+            if reply.has_error():
+                out[pid] = Failure(pid, "error", reply.error.reason)
+                continue
+            try:
+                metrics = dict(reply.content["metrics"])
+                out[pid] = Reply(
+                    partition_id=int(metrics.pop("partition_id")),
+                    arrays=_from_record(reply.content["arrays"]),
+                    num_examples=int(metrics.pop("num_examples")),
+                    metrics={k: float(v) for k, v in metrics.items()},
+                )
+            except (KeyError, TypeError, ValueError) as e:
+                out[pid] = Failure(pid, "invalid", f"malformed message: {type(e).__name__}: {e}")
+        for pid in payloads:
+            out.setdefault(pid, Failure(pid, "timeout", f"no reply within run.client_timeout_s={timeout}"))
+        return out
+
+
+def config_from_run_config(run_config: dict) -> ExperimentConfig:
+    """``flwr run --run-config``: ``config`` names a YAML file, other keys are dotted config fields."""
+    from omegaconf import OmegaConf
+
+    layers = []
+    rc = dict(run_config)
+    path = rc.pop("config", "")
+    if path:
+        layers.append(OmegaConf.load(path))
+    if rc:
+        layers.append(OmegaConf.from_dotlist([f"{k}={v}" for k, v in rc.items()]))
+    return from_layers(layers)
+
+
+def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = None) -> ServerApp:
+    """A ServerApp running the fedpers round loop. With ``cfg=None`` the config comes from the run
+    config (deployment). ``result`` receives the summary, or the exception that ended the run."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            c = cfg if cfg is not None else config_from_run_config(context.run_config)
+            summary = run_server(c, FlowerTransport(grid, c))
+        except BaseException as e:
+            if result is not None:
+                result["error"] = e
+            raise
+        if result is not None:
+            result["summary"] = summary
+
+    return app
+
+
+server_app = make_server_app()
+client_app = ClientApp()
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_config(text: str) -> ExperimentConfig:
+    return from_yaml(text)
+
+
+def _partition_id(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise KeyError("this SuperNode has no 'partition-id' in its --node-config")
+    return int(context.node_config["partition-id"])
+
+
+@client_app.query()
+def query(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"info": ConfigRecord({"partition-id": _partition_id(context)})}), reply_to=msg)
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = _parse_config(str(msg.content["config"]["config_yaml"]))
+    server_round = int(msg.content["config"]["server_round"])
+    pid = _partition_id(context)
+    state = _from_record(context.state[STATE_KEY]) if STATE_KEY in context.state else {}
+    reply, new_state = client_round(cfg, pid, server_round, _from_record(msg.content["arrays"]), state)
+    context.state[STATE_KEY] = _to_record(new_state)
+    metrics = MetricRecord({**reply.metrics, "num_examples": reply.num_examples, "partition_id": pid})
+    return Message(RecordDict({"arrays": _to_record(reply.arrays), "metrics": metrics}), reply_to=msg)

@@ -1,0 +1,46 @@
+"""fedpers' own timm model: a tiny ViT for 8x8 images, registered with timm like any other ViT.
+
+``timm.create_model("vit_fedpers_digits", pretrained=True)`` loads the weights file shipped in
+``fedpers/models/weights/``; it was made by ``python -m fedpers.models.pretrain`` (self-supervised
+pretraining on unlabelled source images disjoint from every client's data; see that module).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from timm.models import build_model_with_cfg, register_model
+from timm.models._registry import generate_default_cfgs
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DIGITS_WEIGHTS = WEIGHTS_DIR / "vit_fedpers_digits.safetensors"
+
+DIGITS_ARCH = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0)
+
+default_cfgs = generate_default_cfgs(
+    {
+        "vit_fedpers_digits.d8_rotation": {
+            "file": str(DIGITS_WEIGHTS),
+            "num_classes": 0,
+            "input_size": (1, 8, 8),
+            "mean": (0.5,),
+            "std": (0.5,),
+            "crop_pct": 1.0,
+            "license": "apache-2.0",
+        }
+    }
+)
+
+
+@register_model
+def vit_fedpers_digits(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT for 8x8 grayscale images: patch 2 (16 patches), dim 128, depth 6, 4 heads."""
+    args = dict(DIGITS_ARCH, **kwargs)
+    return build_model_with_cfg(
+        VisionTransformer,
+        "vit_fedpers_digits",
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **args,
+    )

@@ -1,0 +1,154 @@
+"""Per-round ledger and the results folder: config.yaml, metrics.jsonl, summary.json, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedpers.config import ExperimentConfig, to_yaml
+from fedpers.payload import Failure, Reply, serialized_nbytes
+
+
+def worst_fraction_mean(values: list[float], fraction: float = 0.1) -> float:
+    """Mean of the lowest ``fraction`` of values (at least one value)."""
+    if not values:
+        return float("nan")
+    k = max(1, math.ceil(fraction * len(values)))
+    return float(np.mean(sorted(values)[:k]))
+
+
+def _stats(acc: dict[int, float]) -> dict[str, float]:
+    vals = list(acc.values())
+    if not vals:
+        return {"accuracy_mean": float("nan"), "accuracy_std": float("nan"), "accuracy_worst10": float("nan")}
+    return {
+        "accuracy_mean": float(np.mean(vals)),
+        "accuracy_std": float(np.std(vals)),
+        "accuracy_worst10": worst_fraction_mean(vals),
+    }
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class Ledger:
+    def __init__(self, cfg: ExperimentConfig, strategy):
+        self.cfg = cfg
+        self.strategy_name = cfg.strategy.name
+        self.out = Path(cfg.run.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(to_yaml(cfg))
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.rows: list[dict] = []
+        self.last_acc: dict[int, float] = {}
+        self.params_down = sum(int(np.prod(s)) for k, s in strategy.shapes.items() if k in strategy.sends)
+        self.params_up = sum(int(np.prod(s)) for s in strategy.reply_spec().values())
+        self.t0 = time.perf_counter()
+
+    def record_round(self, server_round: int, *, sampled: list[int], ok: list[Reply], failed: list[Failure],
+                     applied: bool, bytes_down: dict[int, int], server_metrics: dict, seconds: float) -> dict:
+        acc = {u.partition_id: float(u.metrics["test_accuracy"]) for u in ok}
+        self.last_acc.update(acc)
+        up = [serialized_nbytes(u.arrays) for u in ok]
+        row = {
+            "round": server_round,
+            "sampled": sampled,
+            "num_ok": len(ok),
+            "num_failed": len(failed),
+            "failures": [{"partition_id": f.partition_id, "kind": f.kind, "reason": f.reason} for f in failed],
+            "applied": applied,
+            "clients": {
+                str(u.partition_id): {
+                    "accuracy": u.metrics["test_accuracy"],
+                    "test_loss": u.metrics["test_loss"],
+                    "train_loss": u.metrics["train_loss"],
+                    "num_examples": int(u.num_examples),
+                }
+                for u in ok
+            },
+            **_stats(acc),
+            "bytes_up": int(sum(up)),
+            "bytes_down": int(sum(bytes_down.values())),
+            "bytes_up_per_client": float(np.mean(up)) if up else 0.0,
+            "bytes_down_per_client": float(np.mean(list(bytes_down.values()))) if bytes_down else 0.0,
+            "server": server_metrics,
+            "round_time_s": seconds,
+            "wall_time_s": time.perf_counter() - self.t0,
+        }
+        self.rows.append(row)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+        return row
+
+    def finish(self) -> dict:
+        final = _stats(self.last_acc)
+        summary = {
+            "strategy": self.strategy_name,
+            "rounds": len(self.rows),
+            "num_clients": self.cfg.run.num_clients,
+            "seed": self.cfg.run.seed,
+            "dataset": self.cfg.data.dataset,
+            "partitioner": self.cfg.data.partitioner.name,
+            "final": {**final, "per_client": {str(k): v for k, v in sorted(self.last_acc.items())}},
+            "bytes": {
+                "up_per_client_round": float(np.mean([r["bytes_up_per_client"] for r in self.rows])),
+                "down_per_client_round": float(np.mean([r["bytes_down_per_client"] for r in self.rows])),
+                "total_up": int(sum(r["bytes_up"] for r in self.rows)),
+                "total_down": int(sum(r["bytes_down"] for r in self.rows)),
+            },
+            "params": {"down_per_client_round": self.params_down, "up_per_client_round": self.params_up},
+            "failures": int(sum(r["num_failed"] for r in self.rows)),
+            "wall_time_s": time.perf_counter() - self.t0,
+        }
+        write_json_atomic(self.out / "summary.json", summary)
+        self._write_csv()
+        plot_results(self.rows, summary, self.out)
+        return summary
+
+    def _write_csv(self) -> None:
+        cols = ["round", "accuracy_mean", "accuracy_std", "accuracy_worst10", "num_ok", "num_failed",
+                "bytes_up", "bytes_down", "round_time_s"]
+        lines = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in self.rows]
+        (self.out / "rounds.csv").write_text("\n".join(lines) + "\n")
+
+
+def plot_results(rows: list[dict], summary: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, [r["accuracy_mean"] for r in rows], marker="o", label="mean")
+    ax.plot(rounds, [r["accuracy_worst10"] for r in rows], marker=".", linestyle="--", label="worst 10%")
+    ax.set_xlabel("round")
+    ax.set_ylabel("personalized test accuracy")
+    ax.set_title(f"{summary['strategy']} on {summary['dataset']} ({summary['partitioner']})")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_per_round.png", dpi=120)
+    plt.close(fig)
+
+    per_client = summary["final"]["per_client"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar([int(k) for k in per_client], list(per_client.values()))
+    ax.axhline(summary["final"]["accuracy_mean"], color="k", linestyle="--", label="mean")
+    ax.set_xlabel("client (partition id)")
+    ax.set_ylabel("final personalized test accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_per_client.png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,22 @@
+"""Personalization strategies, registered by name. Importing this package registers the built-ins."""
+
+from strategies.base import (
+    ClientUpdate,
+    Strategy,
+    StrategyConfig,
+    create_strategy,
+    get_strategy_class,
+    list_strategies,
+    register_strategy,
+)
+from strategies import fedvpt, local, pfedpg  # noqa: E402,F401  (registration side effects)
+
+__all__ = [
+    "ClientUpdate",
+    "Strategy",
+    "StrategyConfig",
+    "create_strategy",
+    "get_strategy_class",
+    "list_strategies",
+    "register_strategy",
+]

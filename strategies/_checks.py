@@ -1,0 +1,14 @@
+"""Small validation helpers shared by strategy configs (errors name the ``strategy.*`` field)."""
+
+from __future__ import annotations
+
+
+def require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        from fedpers.config import ConfigError
+
+        raise ConfigError(f"strategy.{field_name}", message)
+
+
+def require_choice(value: str, field_name: str, allowed: tuple[str, ...]) -> None:
+    require(value in allowed, field_name, f"unknown value {value!r}; allowed: {', '.join(allowed)}")

@@ -1,0 +1,107 @@
+"""The strategy protocol and its registry.
+
+A strategy is server-side logic plus a declaration of which client tensors travel:
+
+- ``sends``: tensors the server produces for each sampled client (e.g. ``("prompts",)``). The client
+  starts local training from them and replies with ``delta/<name>`` = trained - received for each.
+- ``personal``: tensors that stay on the client across rounds and never appear in any message
+  (always includes ``"head"``).
+
+Strategies never import Flower: the round loop in ``fedpers.server`` talks to any transport.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+CLIENT_TENSORS = ("prompts", "head")
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "pfedpg"
+
+
+@dataclass
+class ClientUpdate:
+    """A validated reply, as strategies see it."""
+
+    partition_id: int
+    deltas: dict[str, np.ndarray]
+    num_examples: int
+    metrics: dict[str, float]
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    config_cls: ClassVar[type] = StrategyConfig
+    sends: ClassVar[tuple[str, ...]] = ()
+    personal: ClassVar[tuple[str, ...]] = ("head",)
+
+    def __init__(self, config: Any, *, num_clients: int, shapes: dict[str, tuple[int, ...]], seed: int,
+                 init_std: float = 0.5):
+        self.config = config
+        self.init_std = init_std
+        self.num_clients = num_clients
+        self.shapes = dict(shapes)
+        self.seed = seed
+
+    def reply_spec(self) -> dict[str, tuple[int, ...]]:
+        """Exact keys and shapes a valid reply carries."""
+        return {f"delta/{k}": tuple(self.shapes[k]) for k in self.sends}
+
+    @abstractmethod
+    def configure(self, server_round: int, partition_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:
+        """Tensors to send each sampled client this round (keys == ``sends``)."""
+
+    @abstractmethod
+    def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, float]:
+        """Update server state from valid replies (sorted by partition id). Returns server metrics."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"strategy {self.name!r} has no state, got keys {sorted(state)}")
+
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    bad = set(cls.sends) - set(CLIENT_TENSORS)
+    if bad:
+        raise ValueError(f"strategy {cls.name!r} sends unknown tensors {sorted(bad)}; known: {CLIENT_TENSORS}")
+    if "head" not in cls.personal or set(cls.sends) & set(cls.personal):
+        raise ValueError(f"strategy {cls.name!r}: the head must be personal and sent tensors cannot be personal")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_strategies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_strategy_class(name: str) -> type[Strategy]:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown strategy {name!r}; allowed: {', '.join(list_strategies())}")
+    return _REGISTRY[name]
+
+
+def create_strategy(config: Any, **kwargs: Any) -> Strategy:
+    return get_strategy_class(config.name)(config, **kwargs)
+
+
+def weights_of(updates: list[ClientUpdate], weighting: str) -> np.ndarray:
+    """Per-update aggregation weights summing to 1: ``uniform`` or by ``num_examples``."""
+    if weighting == "num_examples":
+        w = np.array([u.num_examples for u in updates], dtype=np.float64)
+    else:
+        w = np.ones(len(updates), dtype=np.float64)
+    return w / w.sum()

@@ -1,0 +1,27 @@
+"""Local training only: each client tunes its own prompts and head; nothing crosses the network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from strategies.base import ClientUpdate, Strategy, StrategyConfig, register_strategy
+
+
+@dataclass
+class LocalConfig(StrategyConfig):
+    name: str = "local"
+
+
+@register_strategy
+class Local(Strategy):
+    name = "local"
+    summary = "no federation: personal prompts and head per client (lower bound on collaboration)"
+    config_cls = LocalConfig
+    sends = ()
+    personal = ("head", "prompts")
+
+    def configure(self, server_round, partition_ids):
+        return {pid: {} for pid in partition_ids}
+
+    def aggregate(self, server_round, updates: list[ClientUpdate]):
+        return {}
