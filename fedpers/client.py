@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from fedpers.config import ExperimentConfig
 from fedpers.data import build_federated
-from fedpers.models.prompted import load_backbone
+from fedpers.models.prompted import backbone_from_config
 from fedpers.payload import DTYPE, Reply
 from strategies import get_strategy_class
 
@@ -40,7 +40,7 @@ def client_round(
     if not 0 <= partition_id < len(fed.clients):
         raise ValueError(f"partition-id {partition_id} outside [0, {len(fed.clients)})")
     data = fed.clients[partition_id]
-    model = load_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.checkpoint)
+    model = backbone_from_config(cfg.model)
     dim = model.embed_dim
 
     if "prompts" in received:

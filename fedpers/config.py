@@ -41,7 +41,6 @@ class RunConfig:
     max_upload_mb: float = 64.0  # replies whose arrays exceed this are rejected
     progress: bool = True  # show a progress bar over rounds
     num_cpus_per_client: float = 1.0  # Flower engine: CPU share of each simulated client
-    resume: bool = False  # continue from run.output_dir/checkpoint.pt if it exists
 
 
 @dataclass
@@ -69,13 +68,13 @@ class ModelConfig:
     checkpoint: Optional[str] = None  # local weights file for the backbone (overrides pretrained)
     num_prompts: int = 10  # K visual prompts inserted after the [CLS] token
     prompt_init_std: float = 0.5  # std of randomly initialised prompts (fedvpt, local)
-    img_size: Optional[int] = None  # input size; default: the dataset's native size
+    img_size: Optional[int] = None  # backbone input size in pixels (images are resized to it); default: the backbone's own
 
 
 @dataclass
 class ClientConfig:
     local_epochs: int = 2  # passes over the client's train split per round
-    lr: float = 0.1  # SGD learning rate for prompts and head
+    lr: float = 0.03  # SGD learning rate for prompts and head
     momentum: float = 0.9
     weight_decay: float = 1e-3
     batch_size: int = 32

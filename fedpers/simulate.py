@@ -35,14 +35,14 @@ def parse_args(argv: list[str] | None):
 def preflight(cfg: ExperimentConfig) -> None:
     """Build the data and load the backbone once here, so bad data or weights fail before any round."""
     from fedpers.data import build_federated
-    from fedpers.models.prompted import load_backbone
+    from fedpers.models.prompted import backbone_from_config
 
     fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
     sizes = [c.num_train for c in fed.clients]
     logging.getLogger("fedpers").info(
         "%s: %d clients, train sizes min %d / max %d", cfg.data.dataset, len(sizes), min(sizes), max(sizes)
     )
-    load_backbone(cfg.model.backbone, cfg.model.pretrained, cfg.model.checkpoint)
+    backbone_from_config(cfg.model)
 
 
 def run(cfg: ExperimentConfig) -> dict:

@@ -94,6 +94,10 @@ def get_strategy_class(name: str) -> type[Strategy]:
     return _REGISTRY[name]
 
 
+def get_config_cls(name: str) -> type:
+    return get_strategy_class(name).config_cls
+
+
 def create_strategy(config: Any, **kwargs: Any) -> Strategy:
     return get_strategy_class(config.name)(config, **kwargs)
 

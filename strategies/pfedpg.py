@@ -10,6 +10,7 @@ rule: ``autograd.grad(P, params, grad_outputs=-delta)`` followed by an optimizer
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -113,7 +114,9 @@ class PFedPG(Strategy):
         return {"pseudo_grad_norm": float(grad_p.norm())}
 
     def state_dict(self):
-        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict()}
+        # Deep copies: torch's optimizer.load_state_dict keeps same-dtype tensors by reference, so a
+        # shallow state would tie two strategies' Adam moments together.
+        return copy.deepcopy({"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict()})
 
     def load_state_dict(self, state):
         self.generator.load_state_dict(state["generator"])

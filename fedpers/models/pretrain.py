@@ -5,7 +5,7 @@ Recipe (self-supervised, no labels), on the 449 digits images reserved as source
 gets a random 1-pixel shift and one of the 8 symmetries of the square; a quarter of its 2x2 patches
 are blanked and Gaussian noise is added. From the [CLS] feature alone, a linear decoder reconstructs
 the clean (shifted, transformed) image and a linear classifier names the symmetry
-(loss = MSE + 0.1 * CE). AdamW (lr 1e-3, wd 0.05), warm-up + cosine, batch 64, seed 0. Decoder and
+(loss = MSE + 0.1 * CE). AdamW (lr 1e-3, wd 0.05), 150 epochs, warm-up + cosine, batch 64, seed 0. Decoder and
 classifier are dropped; the backbone is saved as safetensors (head-less, num_classes=0).
 
 At the end it prints a linear-probe accuracy on the federated pool, as a diagnostic of the frozen
@@ -52,7 +52,7 @@ def mask_patches(x: torch.Tensor, g: torch.Generator, patch: int = 2, ratio: flo
     return x * keep.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
 
 
-def pretrain(epochs: int = 300, batch_size: int = 64, lr: float = 2e-3, seed: int = 0, log_every: int = 50):
+def pretrain(epochs: int = 150, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log_every: int = 50):
     import timm
 
     torch.manual_seed(seed)
@@ -86,7 +86,7 @@ def pretrain(epochs: int = 300, batch_size: int = 64, lr: float = 2e-3, seed: in
             loss.backward()
             opt.step()
             sched.step()
-            rec_sum += float(rec) * len(k)
+            rec_sum += rec.item() * len(k)
             correct += int((logits.argmax(1) == k).sum())
             seen += len(k)
         if (epoch + 1) % log_every == 0 or epoch == epochs - 1:
@@ -110,7 +110,7 @@ def linear_probe(model) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=300)
+    ap.add_argument("--epochs", type=int, default=150)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=DIGITS_WEIGHTS)
     args = ap.parse_args(argv)

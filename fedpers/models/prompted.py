@@ -80,17 +80,20 @@ class PromptedViT(nn.Module):
         return self.features(self.embed(self.prepare(images)), prompts)
 
 
-def create_vit(backbone: str, pretrained: bool, checkpoint: str | None) -> nn.Module:
+def create_vit(backbone: str, pretrained: bool, checkpoint: str | None, img_size: int | None = None) -> nn.Module:
     import timm
 
     if not timm.is_model(backbone):
         raise BackboneError(f"model.backbone: {backbone!r} is not a timm model name (see timm.list_models('vit*'))")
+    # timm resamples pretrained position embeddings when img_size differs from the weights' size.
+    extra = {"img_size": img_size} if img_size is not None else {}
     try:
         return timm.create_model(
             backbone,
             pretrained=pretrained and checkpoint is None,
             checkpoint_path=checkpoint,
             num_classes=0,
+            **extra,
         )
     except (RuntimeError, OSError) as e:
         hint = " (no internet? use model.checkpoint=PATH for local weights)" if pretrained and checkpoint is None else ""
@@ -98,9 +101,14 @@ def create_vit(backbone: str, pretrained: bool, checkpoint: str | None) -> nn.Mo
 
 
 @functools.lru_cache(maxsize=2)
-def load_backbone(backbone: str, pretrained: bool, checkpoint: str | None) -> PromptedViT:
-    """One frozen backbone per process and (name, weights)."""
-    return PromptedViT(create_vit(backbone, pretrained, checkpoint))
+def load_backbone(backbone: str, pretrained: bool, checkpoint: str | None, img_size: int | None = None) -> PromptedViT:
+    """One frozen backbone per process and (name, weights, input size)."""
+    return PromptedViT(create_vit(backbone, pretrained, checkpoint, img_size))
+
+
+def backbone_from_config(m) -> PromptedViT:
+    """The frozen backbone a ``ModelConfig`` describes."""
+    return load_backbone(m.backbone, m.pretrained, m.checkpoint, m.img_size)
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,0 +1,100 @@
+import subprocess
+import sys
+
+import pytest
+
+from fedpers.config import ConfigError, ExperimentConfig, from_yaml, load_config, to_yaml
+
+REQUIRED_KEYS = [
+    "run.seed", "run.rounds", "run.num_clients", "run.clients_per_round", "run.output_dir", "strategy.name",
+    "data.dataset", "data.partitioner.name", "data.partitioner.alpha", "model.backbone", "model.num_prompts",
+    "client.local_epochs", "client.lr", "client.batch_size",
+]
+
+
+def test_defaults_are_valid_and_round_trip_through_yaml():
+    cfg = load_config()
+    assert isinstance(cfg, ExperimentConfig)
+    assert (cfg.strategy.name, cfg.data.partitioner.name, cfg.data.partitioner.alpha) == ("pfedpg", "dirichlet", 0.1)
+    assert cfg.run.num_clients == 10 and cfg.run.engine == "flower"
+    again = from_yaml(to_yaml(cfg))
+    assert again == cfg
+
+
+def test_required_keys_exist_and_accept_overrides():
+    values = {
+        "run.seed": 3, "run.rounds": 4, "run.num_clients": 6, "run.clients_per_round": 2, "run.output_dir": "x",
+        "strategy.name": "fedvpt", "data.dataset": "digits", "data.partitioner.name": "iid",
+        "data.partitioner.alpha": 0.5, "model.backbone": "vit_tiny_patch16_224", "model.num_prompts": 4,
+        "client.local_epochs": 3, "client.lr": 0.2, "client.batch_size": 16,
+    }
+    assert sorted(values) == sorted(REQUIRED_KEYS)
+    cfg = load_config(None, [f"{k}={v}" for k, v in values.items()])
+    for key, want in values.items():
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        assert obj == want, key
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  rounds: 7\n  seed: 5\nstrategy:\n  name: pfedpg\n  server_lr: 0.01\n")
+    cfg = load_config(f, ["run.seed=6"])
+    assert (cfg.run.rounds, cfg.run.seed, cfg.strategy.server_lr) == (7, 6, 0.01)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("run.nope=1", "run.nope"),
+        ("run.rounds=abc", "run.rounds"),
+        ("run.rounds=0", "run.rounds"),
+        ("run.clients_per_round=11", "run.clients_per_round"),
+        ("data.partitioner.name=zipf", "data.partitioner.name"),
+        ("data.partitioner.alpha=0", "data.partitioner.alpha"),
+        ("data.dataset=mnist_typo", "data.dataset"),
+        ("client.lr=-1", "client.lr"),
+        ("strategy.name=nope", "strategy.name"),
+        ("strategy.server_lr=0", "strategy.server_lr"),
+        ("strategy.bogus=1", "strategy.bogus"),
+        ("model.checkpoint=/no/such/file.safetensors", "model.checkpoint"),
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert e.value.field == field
+    assert field in str(e.value)
+
+
+def test_bad_choice_lists_allowed_values():
+    with pytest.raises(ConfigError, match="allowed: iid, dirichlet, pathological"):
+        load_config(None, ["data.partitioner.name=zipf"])
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fedpers.simulate", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+def test_cli_rejects_bad_config_before_training(tmp_path):
+    out = tmp_path / "never"
+    p = _cli("run.rounds=-2", f"run.output_dir={out}")
+    assert p.returncode == 2
+    assert "run.rounds" in p.stderr and "must be >= 1" in p.stderr
+    assert not out.exists()
+
+
+def test_cli_help_lists_every_field():
+    p = _cli("--help")
+    assert p.returncode == 0
+    for key in REQUIRED_KEYS:
+        assert key in p.stdout, key
+    assert "strategy.server_lr" in p.stdout
+
+
+def test_cli_show_config_prints_resolved_yaml():
+    p = _cli("--show-config", "run.rounds=3")
+    assert p.returncode == 0, p.stderr
+    assert "rounds: 3" in p.stdout and "name: pfedpg" in p.stdout

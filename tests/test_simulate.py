@@ -1,0 +1,116 @@
+"""The simulator end to end on the in-process engine: results folder, reproducibility, local weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedpers import simulate
+from tests.conftest import tiny_overrides
+
+
+def test_run_writes_results_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert simulate.main(tiny_overrides(out, **{"run.rounds": 3})) == 0
+    for name in ("config.yaml", "metrics.jsonl", "rounds.csv", "summary.json",
+                 "accuracy_per_round.png", "accuracy_per_client.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["rounds"] == len(rows) == 3
+    assert set(summary["final"]["per_client"]) == {"0", "1", "2"}
+    # pFedPG sends K x D float32 prompts down and the same-shaped delta up (plus .npy header bytes).
+    assert summary["params"] == {"down_per_client_round": 10 * 128, "up_per_client_round": 10 * 128}
+    assert 10 * 128 * 4 < summary["bytes"]["up_per_client_round"] < 10 * 128 * 4 + 256
+    assert summary["final"]["accuracy_mean"] > 0.2  # 10 classes: chance is 0.1
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["results"] == str(out)
+
+
+def test_same_seed_same_results_other_seed_differs(tmp_path):
+    def final(seed, name):
+        out = tmp_path / name
+        assert simulate.main(tiny_overrides(out, **{"run.seed": seed})) == 0
+        return json.loads((out / "summary.json").read_text())["final"]["per_client"]
+
+    a, b, c = final(0, "a"), final(0, "b"), final(1, "c")
+    assert a == b
+    assert a != c
+
+
+def test_partial_participation_samples_per_round(tmp_path):
+    out = tmp_path / "p"
+    assert simulate.main(tiny_overrides(out, **{"run.num_clients": 4, "run.clients_per_round": 2,
+                                               "run.rounds": 3})) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["sampled"]) == 2 == r["num_ok"] for r in rows)
+    assert len({tuple(r["sampled"]) for r in rows}) > 1
+
+
+def test_local_checkpoint_file_is_loaded(tmp_path):
+    """model.checkpoint=PATH loads weights written by the test, not the bundled or hub ones."""
+    import timm
+    from safetensors.torch import save_file
+
+    from fedpers.models.prompted import load_backbone
+
+    vit = timm.create_model("vit_fedpers_digits", pretrained=False, num_classes=0)
+    with torch.no_grad():
+        for i, p in enumerate(vit.parameters()):
+            p.copy_(torch.full_like(p, 0.01 * (i % 7)))
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+
+    loaded = load_backbone("vit_fedpers_digits", True, str(path))
+    for (k, want), got in zip(vit.state_dict().items(), loaded.vit.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=k)
+    assert all(not p.requires_grad for p in loaded.parameters())
+
+    out = tmp_path / "ckpt-run"
+    assert simulate.main(tiny_overrides(out, **{"model.checkpoint": str(path), "run.rounds": 1})) == 0
+    assert (out / "summary.json").is_file()
+
+
+def test_bundled_weights_are_pretrained_not_random():
+    import timm
+
+    from fedpers.models.prompted import load_backbone
+
+    pre = load_backbone("vit_fedpers_digits", True, None).vit.state_dict()
+    rand = timm.create_model("vit_fedpers_digits", pretrained=False, num_classes=0).state_dict()
+    diffs = [float((pre[k] - rand[k]).abs().max()) for k in rand if rand[k].numel() > 1]
+    assert np.median(diffs) > 0.05
+
+
+def test_bad_partition_fails_before_training_with_a_clear_message(tmp_path, capsys):
+    out = tmp_path / "bad"
+    code = simulate.main(tiny_overrides(out, **{"run.num_clients": 1000, "run.clients_per_round": 10}))
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "client" in err
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_unknown_hub_backbone_is_a_clear_error(tmp_path, capsys):
+    code = simulate.main(tiny_overrides(tmp_path / "x", **{"model.backbone": "vit_does_not_exist"}))
+    assert code == 2
+    assert "model.backbone" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224"])
+def test_hub_vit_without_internet_points_to_checkpoint(tmp_path, capsys, name):
+    """Any timm ViT name works; pretrained weights need the hub, and the error says how to go offline."""
+    code = simulate.main(tiny_overrides(tmp_path / "x", **{"model.backbone": name, "run.rounds": 1}))
+    assert code == 2
+    assert "model.checkpoint" in capsys.readouterr().err
+
+
+def test_any_timm_vit_name_works(tmp_path):
+    """A stock timm ViT (random init here; hub weights need internet) at a small input size."""
+    out = tmp_path / "vit"
+    code = simulate.main(tiny_overrides(out, **{"model.backbone": "vit_tiny_patch16_224", "model.pretrained": "false",
+                                               "model.img_size": 32, "model.num_prompts": 2, "run.rounds": 1}))
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params"]["down_per_client_round"] == 2 * 192  # vit_tiny width
