@@ -56,6 +56,7 @@ class PartitionerConfig:
 @dataclass
 class DataConfig:
     dataset: str = "digits"  # registered dataset name (see fedpers.data.list_datasets())
+    path: Optional[str] = None  # local copy of a hub dataset (a Dataset.save_to_disk folder); None = download
     partitioner: PartitionerConfig = field(default_factory=PartitionerConfig)
     test_fraction: float = 0.2  # share of each client's partition held out as its personal test split
     min_test_size: int = 1  # a client whose test split is smaller than this is an error
@@ -75,9 +76,9 @@ class ModelConfig:
 class ClientConfig:
     local_epochs: int = 2  # passes over the client's train split per round
     lr: float = 0.03  # SGD learning rate for prompts and head
-    momentum: float = 0.9
-    weight_decay: float = 1e-3
-    batch_size: int = 32
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 1e-3  # SGD weight decay on prompts and head
+    batch_size: int = 32  # local mini-batch size
 
 
 @dataclass
@@ -184,6 +185,8 @@ def validate(cfg: ExperimentConfig) -> None:
 
     datasets = list_datasets()
     _require(d.dataset in datasets, "data.dataset", f"unknown dataset {d.dataset!r}; allowed: {', '.join(datasets)}")
+    if d.path is not None:
+        _require(Path(d.path).is_dir(), "data.path", f"not a directory: {d.path}")
     p = d.partitioner
     _require(
         p.name in PARTITIONERS,
@@ -264,8 +267,12 @@ def describe_fields() -> str:
             lines.append(f"  {key:<42} {typ:<15} default={default!r:<22} {comments.get(f.name, '')}")
 
     walk(ExperimentConfig, "")
-    for name in list_strategies():
+    names = list_strategies()
+    lines.append(f"  {'strategy.name':<42} {'str':<15} default={'pfedpg'!r:<22} one of: {', '.join(names)}")
+    for name in names:
         cls = get_strategy_class(name)
         lines.append(f"  -- strategy.name={name}: {cls.summary}")
+        n = len(lines)
         walk(cls.config_cls, "strategy.")
+        lines[n:] = [line for line in lines[n:] if not line.lstrip().startswith("strategy.name ")]
     return "\n".join(lines)

@@ -111,9 +111,11 @@ def run_server(cfg: ExperimentConfig, transport: Transport, strategy: Strategy |
                f"worst10 {row['accuracy_worst10']:.3f} ok {len(ok)}/{len(sampled)}")
         if failed:
             msg += " failed: " + "; ".join(f"{f.partition_id} {f.kind}: {f.reason}" for f in failed)
-        if hasattr(bar, "set_postfix_str"):
+        if hasattr(bar, "write"):  # print above the progress bar instead of through it
             bar.set_postfix_str(f"acc {row['accuracy_mean']:.3f}")
-        log.info(msg)
+            bar.write(msg)
+        else:
+            log.info(msg)
     return ledger.finish()
 
 

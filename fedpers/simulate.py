@@ -28,8 +28,17 @@ def parse_args(argv: list[str] | None):
     )
     ap.add_argument("--config", help="YAML config file (see experiments/configs/)")
     ap.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's debug logs")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
     return ap.parse_args(argv)
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedpers").setLevel(logging.INFO)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -59,7 +68,7 @@ def run(cfg: ExperimentConfig) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

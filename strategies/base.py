@@ -23,7 +23,7 @@ CLIENT_TENSORS = ("prompts", "head")
 
 @dataclass
 class StrategyConfig:
-    name: str = "pfedpg"
+    name: str = "pfedpg"  # registered strategy (see the strategy table in the README)
 
 
 @dataclass

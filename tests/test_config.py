@@ -98,3 +98,19 @@ def test_cli_show_config_prints_resolved_yaml():
     p = _cli("--show-config", "run.rounds=3")
     assert p.returncode == 0, p.stderr
     assert "rounds: 3" in p.stdout and "name: pfedpg" in p.stdout
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+
+    files = sorted(Path(__file__).parents[1].joinpath("experiments", "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)
+
+
+def test_default_yaml_is_the_default():
+    from pathlib import Path
+
+    f = Path(__file__).parents[1] / "experiments" / "configs" / "default.yaml"
+    assert load_config(f) == load_config()

@@ -1,7 +1,9 @@
-"""Dataset registry. Each loader returns a ``datasets.Dataset`` with ``image`` and ``label`` columns.
+"""Dataset registry. Each loader takes ``path`` (``data.path``: a local copy, or None) and returns a
+``datasets.Dataset`` with ``image`` and ``label`` columns.
 
 Images are float32 arrays shaped (C, H, W) in [0, 1]. Loaders that need the hub keep the real
-``datasets.load_dataset`` call (users have internet); the default works offline.
+``datasets.load_dataset`` call (users have internet) and accept a local ``save_to_disk`` folder
+instead; the default works offline.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def _to_hf(images: np.ndarray, labels: np.ndarray):
     description="scikit-learn's bundled handwritten digits (8x8 grayscale, 10 classes), minus the "
     "25% held out as unlabelled backbone-pretraining data: 1,348 images. Offline.",
 )
-def load_digits_federated():
+def load_digits_federated(path: str | None = None):
     images, labels, source_idx = _digits_split()
     keep = np.setdiff1d(np.arange(len(labels)), source_idx)
     return _to_hf(images[keep], labels[keep])
@@ -94,19 +96,26 @@ def load_hub_image_dataset(path: str, split: str = "train", image_key: str = "im
     if Path(path).is_dir():
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{path} has splits {sorted(ds)}, not {split!r}")
             ds = ds[split]
     else:
         ds = datasets.load_dataset(path, split=split)
+    missing = [k for k in (image_key, label_key) if k not in ds.column_names]
+    if missing:
+        raise ValueError(f"{path} has columns {ds.column_names}, missing {missing}")
 
     def convert(batch):
         out = []
         for img in batch[image_key]:
-            arr = np.asarray(img, dtype=np.float32)
+            raw = np.asarray(img)
+            # 8-bit images (PIL, uint8 arrays) are scaled by the type's range, never by their content.
+            arr = raw.astype(np.float32) / 255.0 if raw.dtype == np.uint8 else raw.astype(np.float32)
             if arr.ndim == 2:
                 arr = arr[None]
             elif arr.ndim == 3 and arr.shape[-1] in (1, 3):
                 arr = arr.transpose(2, 0, 1)
-            out.append(arr / 255.0 if arr.max() > 1.0 else arr)
+            out.append(arr)
         return {"image": out, "label": batch[label_key]}
 
     return ds.map(convert, batched=True, remove_columns=ds.column_names)
@@ -118,8 +127,8 @@ def load_hub_image_dataset(path: str, split: str = "train", image_key: str = "im
     image_shape=(3, 32, 32),
     description="CIFAR-10 train split from the Hugging Face hub (uoft-cs/cifar10). Needs internet.",
 )
-def load_cifar10():
-    return load_hub_image_dataset("uoft-cs/cifar10", image_key="img", label_key="label")
+def load_cifar10(path: str | None = None):
+    return load_hub_image_dataset(path or "uoft-cs/cifar10", image_key="img", label_key="label")
 
 
 @register_dataset(
@@ -128,5 +137,5 @@ def load_cifar10():
     image_shape=(3, 32, 32),
     description="CIFAR-100 train split from the Hugging Face hub (uoft-cs/cifar100, fine labels). Needs internet.",
 )
-def load_cifar100():
-    return load_hub_image_dataset("uoft-cs/cifar100", image_key="img", label_key="fine_label")
+def load_cifar100(path: str | None = None):
+    return load_hub_image_dataset(path or "uoft-cs/cifar100", image_key="img", label_key="fine_label")

@@ -86,7 +86,11 @@ def _build_cached(data_json: str, num_clients: int, seed: int) -> FederatedData:
     data = DataConfig(**{**json.loads(data_json)})
     data.partitioner = PartitionerConfig(**json.loads(data_json)["partitioner"])
     info = get_dataset_info(data.dataset)
-    ds = info.loader()
+    try:
+        ds = info.loader(data.path)
+    except Exception as e:  # hub/network/file errors all mean the same thing to the user
+        hint = "" if data.path else " (no internet? save the dataset with Dataset.save_to_disk and set data.path)"
+        raise DataError(f"data.dataset={data.dataset!r}: could not load{hint}: {type(e).__name__}: {e}") from e
     if data.partitioner.num_classes_per_partition > info.num_classes and data.partitioner.name == "pathological":
         raise DataError(
             f"data.partitioner.num_classes_per_partition={data.partitioner.num_classes_per_partition} exceeds "
