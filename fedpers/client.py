@@ -1,11 +1,19 @@
 """One client's round: (frozen backbone, personal state, received tensors, its data) -> reply + new state.
 
-Engine-agnostic: the Flower ClientApp and the in-process engine both call :func:`client_round`. The
-client trains its prompts and its private linear head with SGD; it returns only the deltas of the
-tensors the server sent, and keeps its head (and, for some strategies, its prompts) in ``state``.
+Engine-agnostic: the Flower ClientApp and the in-process engine both call :func:`client_round`.
+
+A client holds named tensors: the backbone's trainable tensors (``prompts`` for a prompted ViT) and
+its linear head (``head.weight``, ``head.bias``). Each round it starts every tensor from what the
+server sent, else from its personal state, else from a seeded initialisation; trains; and returns
+only ``delta/<name>`` = trained - received for the tensors it was sent. The strategy decides what is
+sent and what is kept (``Strategy.sends`` / ``Strategy.personal``) and may change the local objective
+by overriding ``Strategy.client_update``; the building blocks it needs live here.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -13,19 +21,155 @@ import torch.nn.functional as F
 
 from fedpers.config import ExperimentConfig
 from fedpers.data import build_federated
+from fedpers.data.partition import ClientData
 from fedpers.models.prompted import backbone_from_config
 from fedpers.payload import DTYPE, Reply
 from strategies import get_strategy_class
-
 
 def seed_for(*parts: int) -> int:
     """A torch seed derived from (seed, round, partition-id, ...), stable across processes."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _initial_prompts(cfg: ExperimentConfig, pid: int, dim: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed_for(cfg.run.seed, pid, 0x9A))
-    return torch.randn(cfg.model.num_prompts, dim, generator=g) * cfg.model.prompt_init_std
+def client_tensor_shapes(cfg: ExperimentConfig, num_classes: int, dim: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor a client trains, by name. The server derives what it sends from this."""
+    return {
+        "prompts": (cfg.model.num_prompts, dim),
+        "head.weight": (num_classes, dim),
+        "head.bias": (num_classes,),
+    }
+
+
+@dataclass
+class ClientContext:
+    """Everything a client's local update may use. Built once per (client, round)."""
+
+    cfg: ExperimentConfig
+    partition_id: int
+    server_round: int
+    data: ClientData
+    model: torch.nn.Module
+    num_classes: int
+
+    def generator(self, *salt: int) -> torch.Generator:
+        """A generator private to this (seed, round, client[, salt])."""
+        return torch.Generator().manual_seed(seed_for(self.cfg.run.seed, self.server_round, self.partition_id, *salt))
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return client_tensor_shapes(self.cfg, self.num_classes, self.model.embed_dim)
+
+
+def make_context(cfg: ExperimentConfig, partition_id: int, server_round: int) -> ClientContext:
+    fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
+    if not 0 <= partition_id < len(fed.clients):
+        raise ValueError(f"partition-id {partition_id} outside [0, {len(fed.clients)})")
+    model = backbone_from_config(cfg.model)
+    return ClientContext(cfg, partition_id, server_round, fed.clients[partition_id], model, fed.num_classes)
+
+
+def initial_tensor(ctx: ClientContext, name: str) -> torch.Tensor:
+    """Seeded by (seed, partition-id) only, so a client starts from the same point in every round."""
+    shape = ctx.shapes[name]
+    if name == "prompts":
+        g = torch.Generator().manual_seed(seed_for(ctx.cfg.run.seed, ctx.partition_id, 0x9A))
+        return torch.randn(*shape, generator=g) * ctx.cfg.model.prompt_init_std
+    return torch.zeros(*shape)  # a zero head starts every client from the same, unbiased point
+
+
+def start_tensors(ctx: ClientContext, received: dict[str, np.ndarray],
+                  state: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Received > personal state > initialisation, for every client tensor; shapes checked."""
+    out = {}
+    for name, shape in ctx.shapes.items():
+        src = received.get(name, state.get(name))
+        t = initial_tensor(ctx, name) if src is None else torch.from_numpy(np.array(src, dtype=DTYPE))
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        out[name] = t.clone()
+    return out
+
+
+def logits(ctx: ClientContext, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    feats = ctx.model.features(tokens, tensors["prompts"])
+    return F.linear(feats, tensors["head.weight"], tensors["head.bias"])
+
+
+def fit(
+    ctx: ClientContext,
+    tensors: dict[str, torch.Tensor],
+    trainable: Iterable[str],
+    epochs: int,
+    extra_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    salt: int = 0,
+) -> list[float]:
+    """SGD on ``trainable`` tensors (in place) for ``epochs`` passes; returns per-step losses.
+
+    ``extra_loss`` adds a term to every step's loss (e.g. a proximal term)."""
+    c = ctx.cfg.client
+    names = [n for n in trainable]
+    for n in names:
+        tensors[n].requires_grad_(True)
+    opt = torch.optim.SGD([tensors[n] for n in names], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    g = ctx.generator(*((salt,) if salt else ()))
+    data = ctx.data
+    x_train = ctx.model.prepare(data.x_train)
+    n = data.num_train
+    losses = []
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, c.batch_size):
+            idx = order[i : i + c.batch_size]
+            loss = F.cross_entropy(logits(ctx, ctx.model.embed(x_train[idx]), tensors), data.y_train[idx])
+            if extra_loss is not None:
+                loss = loss + extra_loss(tensors)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    for n in names:
+        tensors[n] = tensors[n].detach()
+    return losses
+
+
+@torch.no_grad()
+def evaluate(ctx: ClientContext, tensors: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """(loss, accuracy) of the client's model on its own test split."""
+    tokens = ctx.model.embed(ctx.model.prepare(ctx.data.x_test))
+    out = logits(ctx, tokens, tensors)
+    loss = float(F.cross_entropy(out, ctx.data.y_test))
+    acc = float((out.argmax(1) == ctx.data.y_test).float().mean())
+    return loss, acc
+
+
+def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], received: dict[str, np.ndarray],
+           trained: dict[str, torch.Tensor], losses: list[float],
+           eval_tensors: dict[str, torch.Tensor] | None = None) -> tuple[Reply, dict[str, np.ndarray]]:
+    """Deltas of the sent tensors, the new personal state, and metrics (evaluated on ``eval_tensors``,
+    default ``trained``)."""
+    arrays = {
+        f"delta/{k}": (trained[k].detach() - torch.from_numpy(np.asarray(received[k], dtype=DTYPE)))
+        .numpy().astype(DTYPE)
+        for k in sends
+    }
+    state = {k: trained[k].detach().numpy().astype(DTYPE).copy() for k in personal}
+    test_loss, test_acc = evaluate(ctx, eval_tensors if eval_tensors is not None else trained)
+    steps_per_epoch = max(1, -(-ctx.data.num_train // ctx.cfg.client.batch_size))
+    metrics = {
+        "train_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else float("nan"),
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+        "num_test": float(len(ctx.data.y_test)),
+    }
+    return Reply(ctx.partition_id, arrays, ctx.data.num_train, metrics), state
+
+
+def default_client_update(strategy_cls, ctx: ClientContext, received: dict[str, np.ndarray],
+                          state: dict[str, np.ndarray]) -> tuple[Reply, dict[str, np.ndarray]]:
+    """Train every client tensor jointly for ``client.local_epochs``; reply with deltas of sent ones."""
+    tensors = start_tensors(ctx, received, state)
+    losses = fit(ctx, tensors, list(tensors), ctx.cfg.client.local_epochs)
+    return finish(ctx, strategy_cls.sends, strategy_cls.personal, received, tensors, losses)
 
 
 def client_round(
@@ -35,66 +179,6 @@ def client_round(
     received: dict[str, np.ndarray],
     state: dict[str, np.ndarray],
 ) -> tuple[Reply, dict[str, np.ndarray]]:
-    strategy = get_strategy_class(cfg.strategy.name)
-    fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
-    if not 0 <= partition_id < len(fed.clients):
-        raise ValueError(f"partition-id {partition_id} outside [0, {len(fed.clients)})")
-    data = fed.clients[partition_id]
-    model = backbone_from_config(cfg.model)
-    dim = model.embed_dim
-
-    if "prompts" in received:
-        start = torch.from_numpy(np.array(received["prompts"], dtype=DTYPE))
-    elif "prompts" in state:
-        start = torch.from_numpy(np.array(state["prompts"], dtype=DTYPE))
-    else:
-        start = _initial_prompts(cfg, partition_id, dim)
-    if tuple(start.shape) != (cfg.model.num_prompts, dim):
-        raise ValueError(f"prompts have shape {tuple(start.shape)}, expected {(cfg.model.num_prompts, dim)}")
-    prompts = start.clone().requires_grad_(True)
-    if "head.weight" in state:
-        w = torch.from_numpy(np.array(state["head.weight"], dtype=DTYPE))
-        b = torch.from_numpy(np.array(state["head.bias"], dtype=DTYPE))
-    else:  # a zero head starts every client from the same, unbiased point
-        w, b = torch.zeros(fed.num_classes, dim), torch.zeros(fed.num_classes)
-    w.requires_grad_(True)
-    b.requires_grad_(True)
-
-    c = cfg.client
-    opt = torch.optim.SGD([prompts, w, b], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-    g = torch.Generator().manual_seed(seed_for(cfg.run.seed, server_round, partition_id))
-    x_train = model.prepare(data.x_train)
-    n = data.num_train
-    losses = []
-    for _ in range(c.local_epochs):
-        order = torch.randperm(n, generator=g)
-        for i in range(0, n, c.batch_size):
-            idx = order[i : i + c.batch_size]
-            logits = F.linear(model.features(model.embed(x_train[idx]), prompts), w, b)
-            loss = F.cross_entropy(logits, data.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-
-    with torch.no_grad():
-        logits = F.linear(model(data.x_test, prompts), w, b)
-        test_loss = float(F.cross_entropy(logits, data.y_test))
-        test_acc = float((logits.argmax(1) == data.y_test).float().mean())
-
-    trained = {"prompts": prompts.detach(), "head": None}
-    arrays = {
-        f"delta/{k}": (trained[k] - torch.from_numpy(np.asarray(received[k], dtype=DTYPE))).numpy().astype(DTYPE)
-        for k in strategy.sends
-    }
-    new_state = {"head.weight": w.detach().numpy().copy(), "head.bias": b.detach().numpy().copy()}
-    if "prompts" in strategy.personal:
-        new_state["prompts"] = prompts.detach().numpy().copy()
-    steps_per_epoch = max(1, -(-n // c.batch_size))
-    metrics = {
-        "train_loss": float(np.mean(losses[-steps_per_epoch:])),
-        "test_loss": test_loss,
-        "test_accuracy": test_acc,
-        "num_test": float(len(data.y_test)),
-    }
-    return Reply(partition_id, arrays, n, metrics), new_state
+    strategy_cls = get_strategy_class(cfg.strategy.name)
+    ctx = make_context(cfg, partition_id, server_round)
+    return strategy_cls.client_update(ctx, received, state)

@@ -38,7 +38,11 @@ def sample_clients(seed: int, server_round: int, num_clients: int, per_round: in
 
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:
-    shapes = {"prompts": (cfg.model.num_prompts, backbone_embed_dim(cfg.model.backbone))}
+    from fedpers.client import client_tensor_shapes
+    from fedpers.data.datasets import get_dataset_info
+
+    num_classes = get_dataset_info(cfg.data.dataset).num_classes
+    shapes = client_tensor_shapes(cfg, num_classes, backbone_embed_dim(cfg.model.backbone))
     return create_strategy(
         cfg.strategy,
         num_clients=cfg.run.num_clients,

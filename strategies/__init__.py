@@ -1,6 +1,7 @@
 """Personalization strategies, registered by name. Importing this package registers the built-ins."""
 
 from strategies.base import (
+    HEAD,
     ClientUpdate,
     Strategy,
     StrategyConfig,
@@ -13,6 +14,7 @@ from strategies.base import (
 from strategies import fedvpt, local, pfedpg  # noqa: E402,F401  (registration side effects)
 
 __all__ = [
+    "HEAD",
     "ClientUpdate",
     "Strategy",
     "StrategyConfig",

@@ -2,10 +2,16 @@
 
 A strategy is server-side logic plus a declaration of which client tensors travel:
 
-- ``sends``: tensors the server produces for each sampled client (e.g. ``("prompts",)``). The client
-  starts local training from them and replies with ``delta/<name>`` = trained - received for each.
-- ``personal``: tensors that stay on the client across rounds and never appear in any message
-  (always includes ``"head"``).
+- ``sends``: client tensors the server produces for each sampled client (e.g. ``("prompts",)``). The
+  client starts local training from them and replies with ``delta/<name>`` = trained - received.
+- ``personal``: client tensors that stay on the client across rounds and never appear in any message
+  (by default the linear head, ``head.weight`` and ``head.bias``). A tensor in neither list is
+  re-initialised every round.
+
+Client tensor names come from ``fedpers.client.client_tensor_shapes`` (``prompts``, ``head.weight``,
+``head.bias``); the server gets their shapes in ``shapes``. A strategy whose local objective differs
+from plain joint training overrides the ``client_update`` classmethod, built from the blocks in
+``fedpers.client`` (``start_tensors``, ``fit``, ``evaluate``, ``finish``).
 
 Strategies never import Flower: the round loop in ``fedpers.server`` talks to any transport.
 """
@@ -18,7 +24,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-CLIENT_TENSORS = ("prompts", "head")
+HEAD = ("head.weight", "head.bias")
 
 
 @dataclass
@@ -41,7 +47,15 @@ class Strategy(ABC):
     summary: ClassVar[str] = ""
     config_cls: ClassVar[type] = StrategyConfig
     sends: ClassVar[tuple[str, ...]] = ()
-    personal: ClassVar[tuple[str, ...]] = ("head",)
+    personal: ClassVar[tuple[str, ...]] = HEAD
+
+    @classmethod
+    def client_update(cls, ctx, received: dict[str, np.ndarray], state: dict[str, np.ndarray]):
+        """Runs on the client: local training from ``received`` and the personal ``state``.
+        Returns ``(Reply, new_state)``; ``new_state`` holds exactly the ``personal`` tensors."""
+        from fedpers.client import default_client_update
+
+        return default_client_update(cls, ctx, received, state)
 
     def __init__(self, config: Any, *, num_clients: int, shapes: dict[str, tuple[int, ...]], seed: int,
                  init_std: float = 0.5):
@@ -75,11 +89,9 @@ _REGISTRY: dict[str, type[Strategy]] = {}
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    bad = set(cls.sends) - set(CLIENT_TENSORS)
-    if bad:
-        raise ValueError(f"strategy {cls.name!r} sends unknown tensors {sorted(bad)}; known: {CLIENT_TENSORS}")
-    if "head" not in cls.personal or set(cls.sends) & set(cls.personal):
-        raise ValueError(f"strategy {cls.name!r}: the head must be personal and sent tensors cannot be personal")
+    both = set(cls.sends) & set(cls.personal)
+    if both:
+        raise ValueError(f"strategy {cls.name!r}: tensors {sorted(both)} cannot be both sent and personal")
     _REGISTRY[cls.name] = cls
     return cls
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from strategies.base import ClientUpdate, Strategy, StrategyConfig, register_strategy
+from strategies.base import HEAD, ClientUpdate, Strategy, StrategyConfig, register_strategy
 
 
 @dataclass
@@ -18,7 +18,7 @@ class Local(Strategy):
     summary = "no federation: personal prompts and head per client (lower bound on collaboration)"
     config_cls = LocalConfig
     sends = ()
-    personal = ("head", "prompts")
+    personal = ("prompts", *HEAD)
 
     def configure(self, server_round, partition_ids):
         return {pid: {} for pid in partition_ids}
