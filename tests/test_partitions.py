@@ -249,3 +249,17 @@ def test_partitions_cli_reports_bad_config(capsys):
 
     assert partitions.main(["data.partitioner.alpha=0"]) == 2
     assert "data.partitioner.alpha" in capsys.readouterr().err
+
+
+def test_every_simulation_saves_its_partition_report(tmp_path):
+    from fedpers import simulate
+    from tests.conftest import tiny_overrides
+
+    out = tmp_path / "run"
+    assert simulate.main(tiny_overrides(out, **{"run.rounds": 1, "data.shift.name": "domain"})) == 0
+    het = json.loads((out / "partitions" / "heterogeneity.json").read_text())
+    rep = json.loads((out / "partitions" / "partitions.json").read_text())
+    assert rep["num_clients"] == 3 and len(rep["shift"]["per_client"]) == 3
+    assert "domain" in rep["shift"]["per_client"][0]
+    assert 0 <= het["js_mean"] <= 1
+    assert (out / "partitions" / "domains.png").is_file() and (out / "summary.json").is_file()

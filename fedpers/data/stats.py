@@ -80,14 +80,16 @@ def report(fed: FederatedData) -> dict:
 def label_partitioner(fed: FederatedData):
     """A flwr-datasets NaturalIdPartitioner over the final client labels, for flwr-datasets' plots
     (``plot_label_distributions``, ``plot_comparison_label_distribution``)."""
-    from datasets import Dataset
+    from datasets import ClassLabel, Dataset, Features, Value
     from flwr_datasets.partitioner import NaturalIdPartitioner
 
     cid = np.concatenate([np.full(len(c.y_train) + len(c.y_test), i) for i, c in enumerate(fed.clients)])
     lab = np.concatenate([np.concatenate([c.y_train.numpy(), c.y_test.numpy()]) for c in fed.clients])
     part = NaturalIdPartitioner(partition_by="client")
     # Client ids are sorted integers, so flwr's partition id i is client i.
-    part.dataset = Dataset.from_dict({"client": cid, "label": lab})
+    # A ClassLabel column lets flwr-datasets name the labels (and keeps it from warning that it cannot).
+    features = Features({"client": Value("int64"), "label": ClassLabel(num_classes=fed.num_classes)})
+    part.dataset = Dataset.from_dict({"client": cid, "label": lab}, features=features)
     return part
 
 
@@ -112,19 +114,18 @@ def write_report(fed: FederatedData, out: str | Path, title: str | None = None, 
 
 
 def plot_report(fed: FederatedData, out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    # No matplotlib.use("Agg") here: it would switch a notebook's inline backend off. Matplotlib already
+    # falls back to Agg where there is no display.
     import matplotlib.pyplot as plt
     from flwr_datasets.visualization import plot_label_distributions
 
     part = label_partitioner(fed)
     fig, _, _ = plot_label_distributions(part, "label", plot_type="bar", size_unit="absolute", legend=True,
-                                         legend_title="label", title=title, verbose_labels=False)
+                                         legend_title="label", title=title)
     fig.savefig(out / "label_distribution.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     fig, _, _ = plot_label_distributions(part, "label", plot_type="heatmap", size_unit="percent",
-                                         title=title + " (% of client)", verbose_labels=False)
+                                         title=title + " (% of client)")
     fig.savefig(out / "label_heatmap.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     if any("domain" in i for i in fed.shift_info):
