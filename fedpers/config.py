@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -58,7 +58,7 @@ class PartitionerConfig:
     num_shards_per_partition: Optional[int] = 2  # shard: shards (label-sorted slices) per client; None = from shard_size
     shard_size: Optional[int] = None  # shard: samples per shard; None = as large as the shard count allows
     keep_incomplete_shard: bool = False  # shard: also hand out the last, smaller shard
-    partition_sizes: Optional[List[int]] = None  # size, inner_dirichlet: samples per client (run.num_clients values); None = equal split
+    partition_sizes: Optional[list[int]] = None  # size, inner_dirichlet: samples per client (run.num_clients values); None = equal split
     id_column: str = "client_id"  # natural_id: dataset column naming each sample's client or domain (one client per value)
 
 
@@ -66,7 +66,7 @@ class PartitionerConfig:
 class ShiftConfig:
     name: str = "none"  # none | domain (per-client image transforms) | concept (per-client label maps)
     num_groups: int = 0  # clients sharing one domain/concept: client i is in group i % num_groups; 0 = one per client
-    transforms: List[str] = field(default_factory=lambda: ["rotate", "contrast", "blur", "noise", "invert"])  # domain: composed per group, from rotate|contrast|color|blur|noise|invert
+    transforms: list[str] = field(default_factory=lambda: ["rotate", "contrast", "blur", "noise", "invert"])  # domain: composed per group, from rotate|contrast|color|blur|noise|invert
     strength: float = 1.0  # domain: scales every transform's magnitude (0 = no change)
     concept_mode: str = "permute"  # concept: permute (labels relabelled by a random permutation) | group (classes merged into num_label_groups labels)
     num_label_groups: int = 2  # concept_mode=group: how many labels each group's classes collapse into

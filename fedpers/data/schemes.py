@@ -6,8 +6,8 @@ matter. The partitioners themselves are flwr-datasets classes; this module only 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from fedpers.config import PARTITIONERS, SHIFTS, ConfigError, ExperimentConfig, PartitionerConfig
 
