@@ -263,3 +263,13 @@ def test_every_simulation_saves_its_partition_report(tmp_path):
     assert "domain" in rep["shift"]["per_client"][0]
     assert 0 <= het["js_mean"] <= 1
     assert (out / "partitions" / "domains.png").is_file() and (out / "summary.json").is_file()
+
+
+def test_new_data_fields_survive_the_yaml_round_trip_flower_clients_use():
+    from fedpers.config import from_yaml, to_yaml
+
+    cfg = load_config(None, ["data.partitioner.name=size", "data.partitioner.partition_sizes=[5,6,7,8,9,10,11,12,13,14]",
+                             "data.shift.name=domain", "data.shift.transforms=[blur,invert]",
+                             "data.small_client_policy=rebalance"])
+    again = from_yaml(to_yaml(cfg))
+    assert again == cfg and again.data.partitioner.partition_sizes[0] == 5
