@@ -16,7 +16,11 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-PARTITIONERS = ("iid", "dirichlet", "pathological")
+# Every flwr-datasets label/quantity partitioner that applies to a labelled dataset (registry:
+# fedpers.data.schemes); the vertical and continuous ones do not split a labelled image set.
+PARTITIONERS = ("iid", "dirichlet", "pathological", "shard", "inner_dirichlet", "size", "linear", "square",
+                "exponential", "natural_id")
+SHIFTS = ("none", "domain", "concept")
 ENGINES = ("flower", "inprocess")
 
 
@@ -45,12 +49,27 @@ class RunConfig:
 
 @dataclass
 class PartitionerConfig:
-    name: str = "dirichlet"  # iid | dirichlet | pathological
-    alpha: float = 0.1  # dirichlet concentration (smaller = more label skew)
+    name: str = "dirichlet"  # iid | dirichlet | pathological | shard | inner_dirichlet | size | linear | square | exponential | natural_id
+    alpha: float = 0.1  # dirichlet, inner_dirichlet: concentration (smaller = more label skew)
     min_partition_size: int = 10  # dirichlet: resample until every client has this many samples
     self_balancing: bool = False  # dirichlet: stop adding to clients above the average size
     num_classes_per_partition: int = 2  # pathological: classes per client
     class_assignment_mode: str = "first-deterministic"  # pathological: first-deterministic | random | deterministic
+    num_shards_per_partition: Optional[int] = 2  # shard: shards (label-sorted slices) per client; None = from shard_size
+    shard_size: Optional[int] = None  # shard: samples per shard; None = as large as the shard count allows
+    keep_incomplete_shard: bool = False  # shard: also hand out the last, smaller shard
+    partition_sizes: Optional[list[int]] = None  # size, inner_dirichlet: samples per client (run.num_clients values); None = equal split
+    id_column: str = "client_id"  # natural_id: dataset column naming each sample's client or domain (one client per value)
+
+
+@dataclass
+class ShiftConfig:
+    name: str = "none"  # none | domain (per-client image transforms) | concept (per-client label maps)
+    num_groups: int = 0  # clients sharing one domain/concept: client i is in group i % num_groups; 0 = one per client
+    transforms: list[str] = field(default_factory=lambda: ["rotate", "contrast", "blur", "noise", "invert"])  # domain: composed per group, from rotate|contrast|color|blur|noise|invert
+    strength: float = 1.0  # domain: scales every transform's magnitude (0 = no change)
+    concept_mode: str = "permute"  # concept: permute (labels relabelled by a random permutation) | group (classes merged into num_label_groups labels)
+    num_label_groups: int = 2  # concept_mode=group: how many labels each group's classes collapse into
 
 
 @dataclass
@@ -58,8 +77,11 @@ class DataConfig:
     dataset: str = "digits"  # registered dataset name (see fedpers.data.list_datasets())
     path: Optional[str] = None  # local copy of a hub dataset (a Dataset.save_to_disk folder); None = download
     partitioner: PartitionerConfig = field(default_factory=PartitionerConfig)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
     test_fraction: float = 0.2  # share of each client's partition held out as its personal test split
-    min_test_size: int = 1  # a client whose test split is smaller than this is an error
+    min_test_size: int = 1  # a client whose test split is smaller than this is too small
+    min_client_size: int = 2  # a client with fewer samples (train + test) is too small
+    small_client_policy: str = "error"  # too-small clients: error (fail with a message) | rebalance (move samples from the largest clients)
 
 
 @dataclass
@@ -187,27 +209,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(d.dataset in datasets, "data.dataset", f"unknown dataset {d.dataset!r}; allowed: {', '.join(datasets)}")
     if d.path is not None:
         _require(Path(d.path).is_dir(), "data.path", f"not a directory: {d.path}")
-    p = d.partitioner
-    _require(
-        p.name in PARTITIONERS,
-        "data.partitioner.name",
-        f"unknown partitioner {p.name!r}; allowed: {', '.join(PARTITIONERS)}",
-    )
-    _require(p.alpha > 0, "data.partitioner.alpha", f"must be > 0, got {p.alpha}")
-    _require(p.min_partition_size >= 0, "data.partitioner.min_partition_size", f"must be >= 0, got {p.min_partition_size}")
-    _require(
-        p.num_classes_per_partition >= 1,
-        "data.partitioner.num_classes_per_partition",
-        f"must be >= 1, got {p.num_classes_per_partition}",
-    )
-    modes = ("first-deterministic", "random", "deterministic")
-    _require(
-        p.class_assignment_mode in modes,
-        "data.partitioner.class_assignment_mode",
-        f"unknown mode {p.class_assignment_mode!r}; allowed: {', '.join(modes)}",
-    )
-    _require(0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}")
-    _require(d.min_test_size >= 1, "data.min_test_size", f"must be >= 1, got {d.min_test_size}")
+    from fedpers.data.schemes import validate_data
+
+    validate_data(cfg)
 
     _require(bool(m.backbone), "model.backbone", "must name a timm ViT")
     _require(m.num_prompts >= 1, "model.num_prompts", f"must be >= 1, got {m.num_prompts}")
