@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fedpers.config import ExperimentConfig
+from fedpers.dp import privatize_reply
 from fedpers.data import build_federated
 from fedpers.models.prompted import backbone_from_config
 from fedpers.payload import DTYPE, Reply
@@ -87,6 +88,7 @@ def client_round(
         f"delta/{k}": (trained[k] - torch.from_numpy(np.asarray(received[k], dtype=DTYPE))).numpy().astype(DTYPE)
         for k in strategy.sends
     }
+    arrays = privatize_reply(cfg, arrays, server_round, partition_id)  # identity unless dp.clip_norm > 0
     new_state = {"head.weight": w.detach().numpy().copy(), "head.bias": b.detach().numpy().copy()}
     if "prompts" in strategy.personal:
         new_state["prompts"] = prompts.detach().numpy().copy()
