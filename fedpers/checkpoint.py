@@ -43,6 +43,14 @@ def rng_states() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
 
 
+def seed_globals(seed: int) -> None:
+    """Fresh runs start the global RNGs from run.seed, so even code that (wrongly) draws from them is
+    reproducible, and a resumed run's RNG states match an uninterrupted one's."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])

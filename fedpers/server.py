@@ -92,6 +92,8 @@ def run_server(cfg: ExperimentConfig, transport: Transport, strategy: Strategy |
         checkpoint.restore(resumed, strategy, transport)
         start = resumed["round"] + 1
         log.info("resuming %s after round %d", r.output_dir, resumed["round"])
+    else:
+        checkpoint.seed_globals(r.seed)
     ledger = Ledger(cfg, strategy, resume=resumed["ledger"] if resumed else None)
     max_bytes = int(r.max_upload_mb * 1024 * 1024)
     bar = _progress(range(start, r.rounds + 1), r.progress)

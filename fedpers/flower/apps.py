@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 
 import numpy as np
@@ -18,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpers.client import client_round
 from fedpers.config import ExperimentConfig, from_layers, from_yaml, to_yaml
+from fedpers.faults import ENV_VAR, MALFORMED, InjectedFault, corrupt, env_fault
 from fedpers.payload import Failure, Reply
 from fedpers.server import run_server
 
@@ -171,7 +173,15 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server_round"])
     pid = _partition_id(context)
     state = _from_record(context.state[STATE_KEY]) if STATE_KEY in context.state else {}
+    fault = env_fault(pid, server_round)  # fault drills only (FEDPERS_FAULTS); None otherwise
+    if fault == "raise":
+        raise InjectedFault(f"client {pid} raised in round {server_round} ({ENV_VAR})")
+    if fault in ("hang", "silent"):  # a ClientApp must return eventually; sleeping past the timeout is silence
+        time.sleep(float(os.environ.get("FEDPERS_FAULT_HANG_S", "600")))
     reply, new_state = client_round(cfg, pid, server_round, _from_record(msg.content["arrays"]), state)
+    if fault in MALFORMED:
+        reply = corrupt(reply, fault)
     context.state[STATE_KEY] = _to_record(new_state)
-    metrics = MetricRecord({**reply.metrics, "num_examples": reply.num_examples, "partition_id": pid})
+    metrics = MetricRecord({**reply.metrics, "num_examples": reply.num_examples,
+                            "partition_id": reply.partition_id})
     return Message(RecordDict({"arrays": _to_record(reply.arrays), "metrics": metrics}), reply_to=msg)
