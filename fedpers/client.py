@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from fedpers.config import ExperimentConfig
 from fedpers.dp import privatize_reply
-from fedpers.data import build_federated
+from fedpers.data import ClientData, build_federated, get_dataset_info
 from fedpers.models.prompted import backbone_from_config
 from fedpers.payload import DTYPE, Reply
 from strategies import get_strategy_class
@@ -35,12 +35,16 @@ def client_round(
     server_round: int,
     received: dict[str, np.ndarray],
     state: dict[str, np.ndarray],
+    data: ClientData | None = None,
 ) -> tuple[Reply, dict[str, np.ndarray]]:
+    """``data``: the device's own data (deployment); None = this partition of the simulated federation."""
     strategy = get_strategy_class(cfg.strategy.name)
-    fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
-    if not 0 <= partition_id < len(fed.clients):
-        raise ValueError(f"partition-id {partition_id} outside [0, {len(fed.clients)})")
-    data = fed.clients[partition_id]
+    if data is None:
+        fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
+        if not 0 <= partition_id < len(fed.clients):
+            raise ValueError(f"partition-id {partition_id} outside [0, {len(fed.clients)})")
+        data = fed.clients[partition_id]
+    num_classes = get_dataset_info(cfg.data.dataset).num_classes
     model = backbone_from_config(cfg.model)
     dim = model.embed_dim
 
@@ -57,7 +61,7 @@ def client_round(
         w = torch.from_numpy(np.array(state["head.weight"], dtype=DTYPE))
         b = torch.from_numpy(np.array(state["head.bias"], dtype=DTYPE))
     else:  # a zero head starts every client from the same, unbiased point
-        w, b = torch.zeros(fed.num_classes, dim), torch.zeros(fed.num_classes)
+        w, b = torch.zeros(num_classes, dim), torch.zeros(num_classes)
     w.requires_grad_(True)
     b.requires_grad_(True)
 
