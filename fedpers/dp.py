@@ -102,7 +102,7 @@ def privacy_report(cfg: ExperimentConfig, rows: list[dict]) -> dict:
         "noise_multiplier": d.noise_multiplier,
         "noise_std": d.noise_multiplier * d.clip_norm,
         "max_rounds_per_client": releases,
-        "epsilon": eps,  # inf when noise_multiplier is 0 (clipping only)
+        "epsilon": eps if math.isfinite(eps) else None,  # None: clipping only, no (finite) guarantee
         "delta": d.delta,
         "rdp_order": alpha,
         "seeded_noise": d.seeded_noise,
