@@ -54,8 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    import datasets
+
     from fedpers.data import DataError
 
+    datasets.disable_progress_bars()  # one line per client folder is the useful output
     try:
         folders = export(cfg, args.out_dir)
     except DataError as e:
