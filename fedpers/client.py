@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from fedpers.config import ExperimentConfig
-from fedpers.dp import privatize_reply
 from fedpers.data import ClientData, build_federated, get_dataset_info
+from fedpers.dp import privatize_reply
 from fedpers.models.prompted import backbone_from_config
 from fedpers.payload import DTYPE, Reply
 from strategies import get_strategy_class

@@ -37,7 +37,7 @@ def export(cfg, out_dir: str | Path) -> list[Path]:
     (out / "partitions.json").write_text(json.dumps({
         "dataset": cfg.data.dataset, "num_clients": cfg.run.num_clients, "seed": cfg.run.seed,
         "partitioner": cfg.data.partitioner.name,
-        "clients": {str(i): {"train": c.num_train, "test": int(len(c.y_test))} for i, c in enumerate(fed.clients)},
+        "clients": {str(i): {"train": c.num_train, "test": len(c.y_test)} for i, c in enumerate(fed.clients)},
     }, indent=2))
     return written
 

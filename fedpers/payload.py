@@ -48,7 +48,7 @@ class Rejection(str):
 
     code: str
 
-    def __new__(cls, code: str, text: str) -> "Rejection":
+    def __new__(cls, code: str, text: str) -> Rejection:
         assert code in REJECTION_CODES, code
         obj = super().__new__(cls, text)
         obj.code = code

@@ -48,10 +48,11 @@ class Processes:
     """Start processes in their own sessions; stop them and every descendant, whatever happened."""
 
     def __init__(self, env, log_dir: Path):
-        self.env, self.log_dir, self.procs = env, log_dir, {}
+        self.env, self.log_dir, self.procs, self.logs = env, log_dir, {}, []
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "w")
+        log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115  (closed in stop_all)
+        self.logs.append(log)
         p = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = p
         return p
@@ -80,17 +81,19 @@ class Processes:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=10)
+        for log in self.logs:
+            log.close()
 
 
 def flwr_json(env, *args, timeout=60) -> dict:
     out = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env, capture_output=True, text=True,
-                         timeout=timeout)
+                         timeout=timeout, check=False)
     return json.loads(out.stdout[out.stdout.find("{"):])
 
 
 def launch(env, *args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fedpers.flower.launch", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
+                          text=True, timeout=timeout, cwd=REPO, check=False)
 
 
 @pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl and ssh-keygen")

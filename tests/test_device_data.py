@@ -11,7 +11,8 @@ from PIL import Image
 from fedpers.config import ConfigError, DataConfig, load_config
 from fedpers.data import DataError, build_federated
 from fedpers.data.local import load_device_data
-from fedpers.export_partitions import export, main as export_main
+from fedpers.export_partitions import export
+from fedpers.export_partitions import main as export_main
 from fedpers.flower.apps import config_from_run_config
 from fedpers.flower.launch import run_config_arg
 from tests.conftest import tiny_overrides
@@ -60,7 +61,8 @@ def test_flat_image_folder_is_split_with_test_fraction(tmp_path):
 
 
 def test_single_saved_dataset_with_pil_images(tmp_path):
-    from datasets import Dataset, Features, Image as HFImage, Value
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
 
     imgs = [Image.fromarray(np.full((8, 8), 10 * i, np.uint8)) for i in range(10)]
     ds = Dataset.from_dict({"image": imgs, "label": [i % 3 for i in range(10)]},

@@ -31,8 +31,8 @@ def test_clipping_bounds_the_joint_norm_and_keeps_small_deltas():
         assert norm == pytest.approx(joint_norm(arrays))
         assert {k: (v.shape, v.dtype) for k, v in out.items()} == {k: (v.shape, v.dtype) for k, v in arrays.items()}
         if norm <= 1.0:
-            for k in arrays:
-                np.testing.assert_array_equal(out[k], arrays[k])
+            for k, v in arrays.items():
+                np.testing.assert_array_equal(out[k], v)
         else:  # scaled, direction kept
             assert joint_norm(out) == pytest.approx(1.0, rel=1e-5)
             np.testing.assert_allclose(out["a"] * norm, arrays["a"], rtol=1e-4, atol=1e-6)

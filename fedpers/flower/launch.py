@@ -34,7 +34,8 @@ def _flwr(args: list[str], timeout: float = CLI_TIMEOUT_S) -> dict:
     """Run a flwr CLI command with ``--format json``; its JSON answer, or LaunchError."""
     exe = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
     try:
-        proc = subprocess.run([exe, *args, "--format", "json"], capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run([exe, *args, "--format", "json"], capture_output=True, text=True, timeout=timeout,
+                              check=False)  # failures are read from its JSON answer
     except subprocess.TimeoutExpired:
         raise LaunchError(f"`flwr {' '.join(args[:2])}` did not answer within {timeout:.0f}s") from None
     except OSError as e:
