@@ -107,3 +107,24 @@ def privacy_report(cfg: ExperimentConfig, rows: list[dict]) -> dict:
         "rdp_order": alpha,
         "seeded_noise": d.seeded_noise,
     }}
+
+
+def device_floor(cfg: ExperimentConfig, node_config: dict) -> ExperimentConfig:
+    """The device's own DP minimum, so it need not trust the server's run config.
+
+    A SuperNode started with ``--node-config 'dp-clip-norm=1.0 dp-noise-multiplier=1.1'`` clips to at most
+    that norm and adds at least that noise multiplier, and never uses seeded noise, whatever the server
+    asked. Only stricter: the server's ``privacy.epsilon`` stays a valid upper bound for such devices.
+    """
+    import dataclasses
+
+    clip, z = node_config.get("dp-clip-norm"), node_config.get("dp-noise-multiplier")
+    if clip is None and z is None:
+        return cfg
+    d = cfg.dp
+    new_clip = min(float(clip), d.clip_norm) if clip is not None and d.clip_norm > 0 else float(clip or d.clip_norm)
+    new_z = max(float(z), d.noise_multiplier) if z is not None else d.noise_multiplier
+    if new_clip <= 0 or new_z < 0:
+        raise ValueError(f"node-config dp-clip-norm={clip!r} dp-noise-multiplier={z!r}: need clip > 0, noise >= 0")
+    dp = dataclasses.replace(d, clip_norm=new_clip, noise_multiplier=new_z, seeded_noise=False)
+    return dataclasses.replace(cfg, dp=dp)

@@ -105,3 +105,16 @@ def test_dp_config_errors_name_the_field():
         load_config(None, ["dp.noise_multiplier=1.0"])
     with pytest.raises(ConfigError, match="dp.delta"):
         load_config(None, ["dp.clip_norm=1", "dp.delta=2"])
+
+
+def test_device_floor_only_tightens_the_server_settings():
+    from fedpers.dp import device_floor
+
+    server = load_config(None, ["dp.clip_norm=2.0", "dp.noise_multiplier=0.5", "dp.seeded_noise=true"])
+    assert device_floor(server, {"partition-id": 0}) is server
+    d = device_floor(server, {"dp-clip-norm": 1.0, "dp-noise-multiplier": 1.1}).dp
+    assert (d.clip_norm, d.noise_multiplier, d.seeded_noise) == (1.0, 1.1, False)
+    d = device_floor(server, {"dp-clip-norm": 5.0, "dp-noise-multiplier": 0.1}).dp  # looser: ignored
+    assert (d.clip_norm, d.noise_multiplier) == (2.0, 0.5)
+    d = device_floor(load_config(None, []), {"dp-clip-norm": 0.5}).dp  # server without DP: device turns it on
+    assert (d.clip_norm, d.noise_multiplier) == (0.5, 0.0)

@@ -192,8 +192,10 @@ def query(msg: Message, context: Context) -> Message:
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     from fedpers.client import client_round  # here, not at import: node discovery needs no torch
+    from fedpers.dp import device_floor
 
-    cfg = _parse_config(str(msg.content["config"]["config_yaml"]))
+    # The device's DP settings (node config) can only tighten what the server asked for.
+    cfg = device_floor(_parse_config(str(msg.content["config"]["config_yaml"])), dict(context.node_config))
     server_round = int(msg.content["config"]["server_round"])
     pid = _partition_id(context)
     state = _from_record(context.state[STATE_KEY]) if STATE_KEY in context.state else {}
