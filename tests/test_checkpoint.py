@@ -129,3 +129,58 @@ def test_resume_refuses_another_experiment_and_a_missing_checkpoint(tmp_path, ca
 
 def load_config_and_check(out, **kw):
     return load_checkpoint(load_config(None, overrides(out, **{"run.resume": "true", **kw})))
+
+
+class StubAll:
+    """A training-free client for any strategy: a deterministic delta for every tensor it receives."""
+
+    def __init__(self, crash_round=None):
+        self.crash_round = crash_round
+
+    def exchange(self, server_round, payloads, timeout):
+        from fedpers.payload import Reply
+
+        if server_round == self.crash_round:
+            raise Crash(server_round)
+        metrics = {"train_loss": 0.5, "test_loss": 0.6, "test_accuracy": 0.5, "num_test": 4.0}
+        return {pid: Reply(pid, {f"delta/{k}": (0.1 * np.sin(v + pid + server_round)).astype(np.float32)
+                                 for k, v in arrays.items()}, 10 + pid, metrics)
+                for pid, arrays in payloads.items()}
+
+
+def assert_tree_equal(a, b, path="state"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_tree_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_tree_equal(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b, err_msg=path)
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("name", __import__("strategies").list_strategies())
+def test_every_strategy_resumes_bit_identical(tmp_path, name):
+    """Conformance: a strategy's state_dict must hold everything its future updates depend on."""
+    from fedpers.server import build_strategy
+
+    def cfg_for(out, **kw):
+        return load_config(None, overrides(out, **{"strategy.name": name, **kw}))
+
+    full_cfg = cfg_for(tmp_path / "full")
+    full = build_strategy(full_cfg)
+    run_server(full_cfg, StubAll(), full)
+
+    cfg = cfg_for(tmp_path / "cut")
+    with pytest.raises(Crash):
+        run_server(cfg, StubAll(crash_round=3), build_strategy(cfg))
+    resumed_cfg = cfg_for(tmp_path / "cut", **{"run.resume": "true"})
+    resumed = build_strategy(resumed_cfg)
+    run_server(resumed_cfg, StubAll(), resumed)
+    assert_tree_equal(resumed.state_dict(), full.state_dict())
