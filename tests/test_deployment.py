@@ -53,7 +53,10 @@ class Processes:
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115  (closed in stop_all)
         self.logs.append(log)
-        p = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # One FLWR_HOME per process, as on separate machines: Flower installs the app bundle into
+        # $FLWR_HOME/apps without a lock, and two nodes unpacking into one folder at once can race.
+        env = {**self.env, "FLWR_HOME": str(self.log_dir / f"flwr-home-{name}")}
+        p = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs[name] = p
         return p
 
