@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from fedpers.config import ExperimentConfig
-from fedpers.data import build_federated
-from fedpers.data.partition import ClientData
+from fedpers.data import ClientData, build_federated, get_dataset_info
+from fedpers.dp import privatize_reply
 from fedpers.models.prompted import backbone_from_config
 from fedpers.payload import DTYPE, Reply
 from strategies import get_strategy_class
@@ -60,12 +60,16 @@ class ClientContext:
         return client_tensor_shapes(self.cfg, self.num_classes, self.model.embed_dim)
 
 
-def make_context(cfg: ExperimentConfig, partition_id: int, server_round: int) -> ClientContext:
-    fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
-    if not 0 <= partition_id < len(fed.clients):
-        raise ValueError(f"partition-id {partition_id} outside [0, {len(fed.clients)})")
+def make_context(cfg: ExperimentConfig, partition_id: int, server_round: int,
+                 data: ClientData | None = None) -> ClientContext:
+    """``data``: the device's own data (deployment); None = this partition of the simulated federation."""
+    if data is None:
+        fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
+        if not 0 <= partition_id < len(fed.clients):
+            raise ValueError(f"partition-id {partition_id} outside [0, {len(fed.clients)})")
+        data = fed.clients[partition_id]
     model = backbone_from_config(cfg.model)
-    return ClientContext(cfg, partition_id, server_round, fed.clients[partition_id], model, fed.num_classes)
+    return ClientContext(cfg, partition_id, server_round, data, model, get_dataset_info(cfg.data.dataset).num_classes)
 
 
 def initial_tensor(ctx: ClientContext, name: str) -> torch.Tensor:
@@ -178,7 +182,11 @@ def client_round(
     server_round: int,
     received: dict[str, np.ndarray],
     state: dict[str, np.ndarray],
+    data: ClientData | None = None,
 ) -> tuple[Reply, dict[str, np.ndarray]]:
+    """``data``: the device's own data (deployment); None = this partition of the simulated federation."""
     strategy_cls = get_strategy_class(cfg.strategy.name)
-    ctx = make_context(cfg, partition_id, server_round)
-    return strategy_cls.client_update(ctx, received, state)
+    ctx = make_context(cfg, partition_id, server_round, data)
+    reply, state = strategy_cls.client_update(ctx, received, state)
+    reply.arrays = privatize_reply(cfg, reply.arrays, server_round, partition_id)  # identity unless dp.clip_norm > 0
+    return reply, state

@@ -45,6 +45,8 @@ class RunConfig:
     max_upload_mb: float = 64.0  # replies whose arrays exceed this are rejected
     progress: bool = True  # show a progress bar over rounds
     num_cpus_per_client: float = 1.0  # Flower engine: CPU share of each simulated client
+    checkpoint_every: int = 1  # save server state to <output_dir>/checkpoint.pt every k rounds (0 = never)
+    resume: bool = False  # continue from <output_dir>/checkpoint.pt (run.rounds may grow; other fields must match)
 
 
 @dataclass
@@ -104,11 +106,20 @@ class ClientConfig:
 
 
 @dataclass
+class DPConfig:
+    clip_norm: float = 0.0  # L2 bound on each client's delta (all tensors jointly); 0 = DP off
+    noise_multiplier: float = 0.0  # Gaussian noise std = noise_multiplier * clip_norm, added on the client
+    delta: float = 1e-5  # the delta of the reported (epsilon, delta) guarantee
+    seeded_noise: bool = False  # derive noise from run.seed for reproducible simulations (no privacy: whoever knows the seed can remove it)
+
+
+@dataclass
 class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
     # Validated against the strategy's own dataclass (strategies.get_config_cls(name)).
     strategy: Any = field(default_factory=lambda: {"name": "pfedpg"})
 
@@ -204,6 +215,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(r.max_upload_mb > 0, "run.max_upload_mb", f"must be > 0, got {r.max_upload_mb}")
     _require(r.num_cpus_per_client > 0, "run.num_cpus_per_client", f"must be > 0, got {r.num_cpus_per_client}")
     _require(bool(r.output_dir), "run.output_dir", "must not be empty")
+    _require(r.checkpoint_every >= 0, "run.checkpoint_every", f"must be >= 0 (0 = never), got {r.checkpoint_every}")
 
     datasets = list_datasets()
     _require(d.dataset in datasets, "data.dataset", f"unknown dataset {d.dataset!r}; allowed: {', '.join(datasets)}")
@@ -225,6 +237,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(0 <= c.momentum < 1, "client.momentum", f"must be in [0, 1), got {c.momentum}")
     _require(c.weight_decay >= 0, "client.weight_decay", f"must be >= 0, got {c.weight_decay}")
     _require(c.batch_size >= 1, "client.batch_size", f"must be >= 1, got {c.batch_size}")
+    dp = cfg.dp
+    _require(dp.clip_norm >= 0, "dp.clip_norm", f"must be >= 0 (0 = DP off), got {dp.clip_norm}")
+    _require(dp.noise_multiplier >= 0, "dp.noise_multiplier", f"must be >= 0, got {dp.noise_multiplier}")
+    _require(dp.noise_multiplier == 0 or dp.clip_norm > 0, "dp.noise_multiplier",
+             "noise needs a clipping bound: set dp.clip_norm > 0")
+    _require(0 < dp.delta < 1, "dp.delta", f"must be in (0, 1), got {dp.delta}")
     validate_strategy = getattr(cfg.strategy, "validate", None)
     if validate_strategy is not None:
         validate_strategy()

@@ -33,3 +33,10 @@ class InProcessTransport:
             self.states[pid] = state
             out[pid] = reply
         return out
+
+    def state_dict(self) -> dict[int, dict[str, np.ndarray]]:
+        """Every client's personal state (heads, personal prompts), for checkpoints."""
+        return {pid: {k: np.array(v, copy=True) for k, v in s.items()} for pid, s in self.states.items()}
+
+    def load_state_dict(self, states: dict[int, dict[str, np.ndarray]]) -> None:
+        self.states = {int(pid): {k: np.array(v, copy=True) for k, v in s.items()} for pid, s in states.items()}

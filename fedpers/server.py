@@ -66,13 +66,13 @@ def collect(
         elif isinstance(r, Failure):
             failed.append(r)
         elif r.partition_id != pid:
-            failed.append(Failure(pid, "invalid", f"reply claims partition {r.partition_id}"))
+            failed.append(Failure(pid, "invalid", f"reply claims partition {r.partition_id}", "partition"))
         else:
             reason = validate_reply(r, spec, max_bytes)
             if reason is None:
                 ok.append(r)
             else:
-                failed.append(Failure(pid, "invalid", reason))
+                failed.append(Failure(pid, "invalid", str(reason), reason.code))
     unexpected = sorted(set(raw) - set(sampled))
     for pid in unexpected:
         log.warning("ignoring reply from unsampled partition %s", pid)
@@ -80,13 +80,27 @@ def collect(
 
 
 def run_server(cfg: ExperimentConfig, transport: Transport, strategy: Strategy | None = None) -> dict:
-    """Run every round and write the results folder. Returns the summary dict."""
+    """Run every round and write the results folder. Returns the summary dict.
+
+    With ``run.resume`` the loop starts after the round stored in ``<output_dir>/checkpoint.pt``, with
+    the strategy, ledger, RNG and (if the transport exports them) client states restored.
+    """
+    from fedpers import checkpoint, dp
+
     strategy = strategy or build_strategy(cfg)
-    ledger = Ledger(cfg, strategy)
-    max_bytes = int(cfg.run.max_upload_mb * 1024 * 1024)
     r = cfg.run
-    rounds = range(1, r.rounds + 1)
-    bar = _progress(rounds, r.progress)
+    start = 1
+    resumed = None
+    if r.resume:
+        resumed = checkpoint.load_checkpoint(cfg)
+        checkpoint.restore(resumed, strategy, transport)
+        start = resumed["round"] + 1
+        log.info("resuming %s after round %d", r.output_dir, resumed["round"])
+    else:
+        checkpoint.seed_globals(r.seed)
+    ledger = Ledger(cfg, strategy, resume=resumed["ledger"] if resumed else None)
+    max_bytes = int(r.max_upload_mb * 1024 * 1024)
+    bar = _progress(range(start, r.rounds + 1), r.progress)
     for server_round in bar:
         t0 = time.perf_counter()
         sampled = sample_clients(r.seed, server_round, r.num_clients, r.clients_per_round)
@@ -101,6 +115,9 @@ def run_server(cfg: ExperimentConfig, transport: Transport, strategy: Strategy |
                 [ClientUpdate(u.partition_id, {k.removeprefix("delta/"): v for k, v in u.arrays.items()},
                               u.num_examples, u.metrics) for u in ok],
             )
+        else:
+            log.warning("round %d skipped: %d valid replies < run.min_replies=%d", server_round, len(ok),
+                        r.min_replies)
         row = ledger.record_round(
             server_round,
             sampled=sampled,
@@ -111,16 +128,22 @@ def run_server(cfg: ExperimentConfig, transport: Transport, strategy: Strategy |
             server_metrics=server_metrics,
             seconds=time.perf_counter() - t0,
         )
-        msg = (f"round {server_round}/{r.rounds}: acc mean {row['accuracy_mean']:.3f} "
-               f"worst10 {row['accuracy_worst10']:.3f} ok {len(ok)}/{len(sampled)}")
-        if failed:
-            msg += " failed: " + "; ".join(f"{f.partition_id} {f.kind}: {f.reason}" for f in failed)
-        if hasattr(bar, "write"):  # print above the progress bar instead of through it
-            bar.set_postfix_str(f"acc {row['accuracy_mean']:.3f}")
-            bar.write(msg)
-        else:
-            log.info(msg)
-    return ledger.finish()
+        if r.checkpoint_every and (server_round % r.checkpoint_every == 0 or server_round == r.rounds):
+            checkpoint.save_checkpoint(cfg, server_round, strategy, ledger, transport)
+        _report(bar, row, server_round, r.rounds, ok, sampled, failed)
+    return ledger.finish(dp.privacy_report(cfg, ledger.rows))
+
+
+def _report(bar, row, server_round, rounds, ok, sampled, failed) -> None:
+    msg = (f"round {server_round}/{rounds}: acc mean {row['accuracy_mean']:.3f} "
+           f"worst10 {row['accuracy_worst10']:.3f} ok {len(ok)}/{len(sampled)}")
+    if failed:
+        msg += " failed: " + "; ".join(f"{f.partition_id} {f.kind}: {f.reason}" for f in failed)
+    if hasattr(bar, "write"):  # print above the progress bar instead of through it
+        bar.set_postfix_str(f"acc {row['accuracy_mean']:.3f}")
+        bar.write(msg)
+    else:
+        log.info(msg)
 
 
 def _progress(it, enabled: bool):

@@ -82,15 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.show_config:
         print(to_yaml(cfg))
         return 0
+    from fedpers.checkpoint import CheckpointError
     from fedpers.data import DataError
     from fedpers.models.prompted import BackboneError
 
     t0 = time.perf_counter()
     try:
         summary = run(cfg)
-    except (DataError, BackboneError) as e:
+    except (DataError, BackboneError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from fedpers.flower.apps import FlowerRunError
+
+        if not isinstance(e, FlowerRunError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     final = summary["final"]
     print(json.dumps({
         "strategy": summary["strategy"],
