@@ -38,17 +38,22 @@ def sample_clients(seed: int, server_round: int, num_clients: int, per_round: in
 
 
 def build_strategy(cfg: ExperimentConfig) -> Strategy:
-    from fedpers.client import client_tensor_shapes
+    from fedpers.client import backbone_tensors, client_tensor_shapes
     from fedpers.data.datasets import get_dataset_info
+    from strategies import get_strategy_class
 
     num_classes = get_dataset_info(cfg.data.dataset).num_classes
     shapes = client_tensor_shapes(cfg, num_classes, backbone_embed_dim(cfg.model.backbone))
+    extra = {}
+    if get_strategy_class(cfg.strategy.name).trains_backbone:  # the server starts from the pretrained weights
+        extra["backbone_state"] = {k: v.numpy() for k, v in backbone_tensors(cfg).items()}
     return create_strategy(
         cfg.strategy,
         num_clients=cfg.run.num_clients,
         shapes=shapes,
         seed=cfg.run.seed,
         init_std=cfg.model.prompt_init_std,
+        **extra,
     )
 
 
