@@ -41,6 +41,8 @@ class RunConfig:
     max_upload_mb: float = 64.0  # replies whose arrays exceed this are rejected
     progress: bool = True  # show a progress bar over rounds
     num_cpus_per_client: float = 1.0  # Flower engine: CPU share of each simulated client
+    holdout_clients: float = 0.0  # unseen clients, never trained, personalized after training: a fraction in (0, 1) or a whole count >= 1 (0 = none)
+    unseen_rounds: int = 3  # exchanges in which each held-out client adapts to the frozen trained server state
 
 
 @dataclass
@@ -155,6 +157,16 @@ def from_layers(layers: list[Any]) -> ExperimentConfig:
     return cfg
 
 
+def holdout_count(r: RunConfig) -> int:
+    """How many clients ``run.holdout_clients`` holds out (a fraction rounds, to at least one client)."""
+    h = r.holdout_clients
+    if h <= 0:
+        return 0
+    if h < 1:
+        return max(1, int(round(h * r.num_clients)))
+    return int(h)
+
+
 def _require(ok: bool, field_name: str, message: str) -> None:
     if not ok:
         raise ConfigError(field_name, message)
@@ -167,10 +179,18 @@ def validate(cfg: ExperimentConfig) -> None:
     r, d, m, c = cfg.run, cfg.data, cfg.model, cfg.client
     _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
     _require(r.num_clients >= 1, "run.num_clients", f"must be >= 1, got {r.num_clients}")
+    h = r.holdout_clients
+    _require(h >= 0 and (h < 1 or float(h).is_integer()), "run.holdout_clients",
+             f"must be 0, a fraction in (0, 1) or a whole count >= 1, got {h}")
+    n_train = r.num_clients - holdout_count(r)
+    _require(n_train >= 1, "run.holdout_clients",
+             f"holds out {holdout_count(r)} of run.num_clients={r.num_clients}: no client left to train")
+    _require(r.unseen_rounds >= 1, "run.unseen_rounds", f"must be >= 1, got {r.unseen_rounds}")
     _require(
-        1 <= r.clients_per_round <= r.num_clients,
+        1 <= r.clients_per_round <= n_train,
         "run.clients_per_round",
-        f"must be in [1, run.num_clients={r.num_clients}], got {r.clients_per_round}",
+        f"must be in [1, {n_train}] (run.num_clients={r.num_clients} minus "
+        f"{holdout_count(r)} held out), got {r.clients_per_round}",
     )
     _require(
         1 <= r.min_replies <= r.clients_per_round,

@@ -50,6 +50,7 @@ class Ledger:
         self.metrics_path.write_text("")
         self.rows: list[dict] = []
         self.last_acc: dict[int, float] = {}
+        self.unseen: dict | None = None
         self.params_down = sum(int(np.prod(s)) for k, s in strategy.shapes.items() if k in strategy.sends)
         self.params_up = sum(int(np.prod(s)) for s in strategy.reply_spec().values())
         self.t0 = time.perf_counter()
@@ -89,8 +90,17 @@ class Ledger:
             f.write(json.dumps(row, sort_keys=True) + "\n")
         return row
 
+    def record_unseen(self, result: dict) -> None:
+        """Held-out clients' accuracies after personalizing from the trained server state."""
+        self.unseen = result
+
     def finish(self) -> dict:
         final = _stats(self.last_acc)
+        unseen_acc = self.unseen["per_client"] if self.unseen else {}
+        u = _stats(unseen_acc)
+        # None (JSON null) when no client was held out, so "not measured" is never mistaken for a value.
+        final["unseen_accuracy_mean"] = u["accuracy_mean"] if unseen_acc else None
+        final["unseen_accuracy_worst10"] = u["accuracy_worst10"] if unseen_acc else None
         summary = {
             "strategy": self.strategy_name,
             "rounds": len(self.rows),
@@ -106,6 +116,11 @@ class Ledger:
                 "total_down": int(sum(r["bytes_down"] for r in self.rows)),
             },
             "params": {"down_per_client_round": self.params_down, "up_per_client_round": self.params_up},
+            "unseen": None if self.unseen is None else {
+                "partition_ids": self.unseen["partition_ids"],
+                "per_client": {str(k): v for k, v in sorted(unseen_acc.items())},
+                "failures": self.unseen["failures"],
+            },
             "failures": int(sum(r["num_failed"] for r in self.rows)),
             "wall_time_s": time.perf_counter() - self.t0,
         }
