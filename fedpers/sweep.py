@@ -100,7 +100,7 @@ def load_grid(path: str | Path, extra_base: list[str] | None = None, only: dict[
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     unknown = set(raw) - {"output_dir", "base", "strategies", "partitions", "seeds"}
     if unknown:
-        raise ConfigError(f"grid.{sorted(unknown)[0]}", "unknown key; allowed: output_dir, base, strategies, partitions, seeds")
+        raise ConfigError(f"grid.{min(unknown)}", "unknown key; allowed: output_dir, base, strategies, partitions, seeds")
     out_dir = Path(output_dir or raw.get("output_dir") or "results/benchmark")
     base = nest(raw.get("base") or {})
     for item in extra_base or []:
@@ -195,11 +195,11 @@ def write_table(rows: list[dict], path: Path, title: str) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
     parts = list(dict.fromkeys(r["partition"] for r in rows))
     strats = list(dict.fromkeys(r["strategy"] for r in rows))
-    lines = [f"# {title}", "",
-             "Personalized test accuracy (%) on each client's own test split, mean ± std over seeds "
-             "(std of the per-seed means). worst-10%: mean of the lowest 10% of clients. unseen: held-out "
-             "clients after personalizing from the trained server state. params/bytes: per client and round, "
-             "down + up.", ""]
+    legend = ("Personalized test accuracy (%) on each client's own test split, mean ± std over seeds "
+              "(std of the per-seed means). worst-10%: mean of the lowest 10% of clients. unseen: held-out "
+              "clients after personalizing from the trained server state. params/bytes: per client and round, "
+              "down + up.")
+    lines = [f"# {title}", "", legend, ""]
     for p in parts:
         lines += [f"## {p}", "", "| strategy | seeds | accuracy | worst-10% | unseen | params/round | bytes/round |",
                   "|---|---|---|---|---|---|---|"]

@@ -50,7 +50,7 @@ def test_sends_and_receives_only_declared_tensors(two_rounds):
     assert summary["rounds"] == 2 and summary["failures"] == 0
     assert len(t.sent) == cfg.run.rounds + cfg.run.unseen_rounds  # training rounds, then the unseen exchange
     for sent, received in zip(t.sent, t.received):
-        for pid, arrays in sent.items():
+        for arrays in sent.values():
             assert set(arrays) == set(strategy.sends)
             assert not set(arrays) & set(strategy.personal)
             for k, a in arrays.items():
@@ -85,7 +85,7 @@ def test_metrics_are_finite(two_rounds):
 
 
 def test_deterministic_for_a_seed(two_rounds, tmp_path):
-    cfg, (summary, t, strategy) = two_rounds
+    cfg, (_, t, _) = two_rounds
     again = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(tmp_path), rounds=1))
     _, t2, _ = run(again)
     for pid, arrays in t.sent[0].items():

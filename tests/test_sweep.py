@@ -42,7 +42,7 @@ def test_smoke_grid_writes_results_and_resumes(tmp_path, monkeypatch, capsys):
 
 
 def test_benchmark_grid_is_valid(tmp_path):
-    out, cells = sweep.load_grid(ROOT / "experiments/configs/benchmark.yaml", output_dir=str(tmp_path))
+    _, cells = sweep.load_grid(ROOT / "experiments/configs/benchmark.yaml", output_dir=str(tmp_path))
     from strategies import list_strategies
 
     labels = {c.strategy for c in cells}
