@@ -31,13 +31,33 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+BACKBONE = "backbone."  # prefix of backbone weights as client tensors (strategies with trains_backbone)
+
+
 def client_tensor_shapes(cfg: ExperimentConfig, num_classes: int, dim: int) -> dict[str, tuple[int, ...]]:
-    """Every tensor a client trains, by name. The server derives what it sends from this."""
-    return {
-        "prompts": (cfg.model.num_prompts, dim),
-        "head.weight": (num_classes, dim),
-        "head.bias": (num_classes,),
-    }
+    """Every tensor a client trains, by name. The server derives what it sends from this.
+
+    Shallow prompts are ``prompts`` (K, D); a strategy with ``deep_prompts`` trains ``deep_prompts``
+    (depth, K, D) instead; one with ``trains_backbone`` also trains every backbone weight as
+    ``backbone.<timm parameter name>``."""
+    from fedpers.models.prompted import backbone_depth
+
+    cls = get_strategy_class(cfg.strategy.name)
+    k = cfg.model.num_prompts
+    if getattr(cls, "deep_prompts", False):
+        shapes = {"deep_prompts": (backbone_depth(cfg.model.backbone), k, dim)}
+    else:
+        shapes = {"prompts": (k, dim)}
+    shapes.update({"head.weight": (num_classes, dim), "head.bias": (num_classes,)})
+    if getattr(cls, "trains_backbone", False):
+        shapes.update({k: tuple(v.shape) for k, v in backbone_tensors(cfg).items()})
+    return shapes
+
+
+def backbone_tensors(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
+    """The pretrained backbone's weights named as client tensors (read-only views; copy before use)."""
+    model = backbone_from_config(cfg.model)
+    return {BACKBONE + k: v.detach() for k, v in model.vit.named_parameters()}
 
 
 @dataclass
@@ -75,7 +95,9 @@ def make_context(cfg: ExperimentConfig, partition_id: int, server_round: int,
 def initial_tensor(ctx: ClientContext, name: str) -> torch.Tensor:
     """Seeded by (seed, partition-id) only, so a client starts from the same point in every round."""
     shape = ctx.shapes[name]
-    if name == "prompts":
+    if name.startswith(BACKBONE):
+        return backbone_tensors(ctx.cfg)[name].clone()
+    if name in ("prompts", "deep_prompts"):
         g = torch.Generator().manual_seed(seed_for(ctx.cfg.run.seed, ctx.partition_id, 0x9A))
         return torch.randn(*shape, generator=g) * ctx.cfg.model.prompt_init_std
     return torch.zeros(*shape)  # a zero head starts every client from the same, unbiased point
@@ -94,8 +116,14 @@ def start_tensors(ctx: ClientContext, received: dict[str, np.ndarray],
     return out
 
 
-def logits(ctx: ClientContext, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    feats = ctx.model.features(tokens, tensors["prompts"])
+def logits(ctx: ClientContext, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Prepared images (``model.prepare``) -> class logits under the client tensors ``tensors``."""
+    prompts = tensors["deep_prompts"] if "deep_prompts" in tensors else tensors["prompts"]
+    weights = {"vit." + k[len(BACKBONE):]: v for k, v in tensors.items() if k.startswith(BACKBONE)}
+    if weights:  # the backbone itself is trained: run it with these weights in place of the frozen ones
+        feats = torch.func.functional_call(ctx.model, weights, (x, prompts), {"prepared": True})
+    else:
+        feats = ctx.model.features(ctx.model.embed(x), prompts)
     return F.linear(feats, tensors["head.weight"], tensors["head.bias"])
 
 
@@ -106,10 +134,12 @@ def fit(
     epochs: int,
     extra_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
     salt: int = 0,
+    view: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> list[float]:
     """SGD on ``trainable`` tensors (in place) for ``epochs`` passes; returns per-step losses.
 
-    ``extra_loss`` adds a term to every step's loss (e.g. a proximal term)."""
+    ``extra_loss`` adds a term to every step's loss (e.g. a proximal term). ``view`` maps ``tensors``
+    to the client tensors the model runs with (e.g. APFL's mixture of personal and global tensors)."""
     c = ctx.cfg.client
     names = [n for n in trainable]
     for n in names:
@@ -124,7 +154,8 @@ def fit(
         order = torch.randperm(n, generator=g)
         for i in range(0, n, c.batch_size):
             idx = order[i : i + c.batch_size]
-            loss = F.cross_entropy(logits(ctx, ctx.model.embed(x_train[idx]), tensors), data.y_train[idx])
+            used = view(tensors) if view is not None else tensors
+            loss = F.cross_entropy(logits(ctx, x_train[idx], used), data.y_train[idx])
             if extra_loss is not None:
                 loss = loss + extra_loss(tensors)
             opt.zero_grad(set_to_none=True)
@@ -139,8 +170,7 @@ def fit(
 @torch.no_grad()
 def evaluate(ctx: ClientContext, tensors: dict[str, torch.Tensor]) -> tuple[float, float]:
     """(loss, accuracy) of the client's model on its own test split."""
-    tokens = ctx.model.embed(ctx.model.prepare(ctx.data.x_test))
-    out = logits(ctx, tokens, tensors)
+    out = logits(ctx, ctx.model.prepare(ctx.data.x_test), tensors)
     loss = float(F.cross_entropy(out, ctx.data.y_test))
     acc = float((out.argmax(1) == ctx.data.y_test).float().mean())
     return loss, acc

@@ -47,6 +47,8 @@ class RunConfig:
     num_cpus_per_client: float = 1.0  # Flower engine: CPU share of each simulated client
     checkpoint_every: int = 1  # save server state to <output_dir>/checkpoint.pt every k rounds (0 = never)
     resume: bool = False  # continue from <output_dir>/checkpoint.pt (run.rounds may grow; other fields must match)
+    holdout_clients: float = 0.0  # unseen clients, never trained, personalized after training: a fraction in (0, 1) or a whole count >= 1 (0 = none)
+    unseen_rounds: int = 3  # exchanges in which each held-out client adapts to the frozen trained server state
 
 
 @dataclass
@@ -188,6 +190,16 @@ def from_layers(layers: list[Any]) -> ExperimentConfig:
     return cfg
 
 
+def holdout_count(r: RunConfig) -> int:
+    """How many clients ``run.holdout_clients`` holds out (a fraction rounds, to at least one client)."""
+    h = r.holdout_clients
+    if h <= 0:
+        return 0
+    if h < 1:
+        return max(1, int(round(h * r.num_clients)))
+    return int(h)
+
+
 def _require(ok: bool, field_name: str, message: str) -> None:
     if not ok:
         raise ConfigError(field_name, message)
@@ -200,10 +212,18 @@ def validate(cfg: ExperimentConfig) -> None:
     r, d, m, c = cfg.run, cfg.data, cfg.model, cfg.client
     _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
     _require(r.num_clients >= 1, "run.num_clients", f"must be >= 1, got {r.num_clients}")
+    h = r.holdout_clients
+    _require(h >= 0 and (h < 1 or float(h).is_integer()), "run.holdout_clients",
+             f"must be 0, a fraction in (0, 1) or a whole count >= 1, got {h}")
+    n_train = r.num_clients - holdout_count(r)
+    _require(n_train >= 1, "run.holdout_clients",
+             f"holds out {holdout_count(r)} of run.num_clients={r.num_clients}: no client left to train")
+    _require(r.unseen_rounds >= 1, "run.unseen_rounds", f"must be >= 1, got {r.unseen_rounds}")
     _require(
-        1 <= r.clients_per_round <= r.num_clients,
+        1 <= r.clients_per_round <= n_train,
         "run.clients_per_round",
-        f"must be in [1, run.num_clients={r.num_clients}], got {r.clients_per_round}",
+        f"must be in [1, {n_train}] (run.num_clients={r.num_clients} minus "
+        f"{holdout_count(r)} held out), got {r.clients_per_round}",
     )
     _require(
         1 <= r.min_replies <= r.clients_per_round,
@@ -270,10 +290,12 @@ def field_rows() -> list[tuple[str, str, str, str]]:
 
     def walk(cls: type, prefix: str, section: str) -> None:
         comments = {}
-        for line in inspect.getsource(cls).splitlines():
-            s = line.strip()
-            if ":" in s and "#" in s and not s.startswith("#"):
-                comments[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
+        # Base classes first, so a subclass's own comment wins; inherited fields keep their base's comment.
+        for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+            for line in inspect.getsource(klass).splitlines():
+                s = line.strip()
+                if ":" in s and "#" in s and not s.startswith("#"):
+                    comments[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
         for f in dataclasses.fields(cls):
             key = f"{prefix}{f.name}"
             if f.name == "strategy" and prefix == "":

@@ -52,6 +52,7 @@ class Ledger:
         self.rows: list[dict] = [dict(r) for r in (resume or {}).get("rows", [])]
         self.last_acc: dict[int, float] = {int(k): v for k, v in (resume or {}).get("last_acc", {}).items()}
         self.metrics_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+        self.unseen: dict | None = None
         self.params_down = sum(int(np.prod(s)) for k, s in strategy.shapes.items() if k in strategy.sends)
         self.params_up = sum(int(np.prod(s)) for s in strategy.reply_spec().values())
         # Wall time keeps counting across a resume.
@@ -101,9 +102,18 @@ class Ledger:
             f.write(json.dumps(row, sort_keys=True) + "\n")
         return row
 
+    def record_unseen(self, result: dict) -> None:
+        """Held-out clients' accuracies after personalizing from the trained server state."""
+        self.unseen = result
+
     def finish(self, extra: dict | None = None) -> dict:
         """Write summary.json (plus ``extra`` entries, e.g. the privacy report), rounds.csv and plots."""
         final = _stats(self.last_acc)
+        unseen_acc = self.unseen["per_client"] if self.unseen else {}
+        u = _stats(unseen_acc)
+        # None (JSON null) when no client was held out, so "not measured" is never mistaken for a value.
+        final["unseen_accuracy_mean"] = u["accuracy_mean"] if unseen_acc else None
+        final["unseen_accuracy_worst10"] = u["accuracy_worst10"] if unseen_acc else None
         summary = {
             "strategy": self.strategy_name,
             "rounds": len(self.rows),
@@ -119,6 +129,11 @@ class Ledger:
                 "total_down": int(sum(r["bytes_down"] for r in self.rows)),
             },
             "params": {"down_per_client_round": self.params_down, "up_per_client_round": self.params_up},
+            "unseen": None if self.unseen is None else {
+                "partition_ids": self.unseen["partition_ids"],
+                "per_client": {str(k): v for k, v in sorted(unseen_acc.items())},
+                "failures": self.unseen["failures"],
+            },
             "failures": int(sum(r["num_failed"] + r["num_timed_out"] for r in self.rows)),
             "timed_out": int(sum(r["num_timed_out"] for r in self.rows)),
             "skipped_rounds": [r["round"] for r in self.rows if not r["applied"]],
