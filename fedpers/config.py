@@ -72,7 +72,7 @@ class ShiftConfig:
     num_groups: int = 0  # clients sharing one domain/concept: client i is in group i % num_groups; 0 = one per client
     transforms: list[str] = field(default_factory=lambda: ["rotate", "contrast", "blur", "noise", "invert"])  # domain: composed per group, from rotate|contrast|color|blur|noise|invert
     strength: float = 1.0  # domain: scales every transform's magnitude (0 = no change)
-    concept_mode: str = "permute"  # concept: permute (labels relabelled by a random permutation) | group (classes merged into num_label_groups labels)
+    concept_mode: str = "permute"  # concept: permute (random relabelling; invisible to private zero-init heads) | group (classes merged into num_label_groups labels)
     num_label_groups: int = 2  # concept_mode=group: how many labels each group's classes collapse into
 
 

@@ -117,3 +117,20 @@ def test_shift_combines_with_label_skew():
     plain = fed_for("data.partitioner.name=dirichlet", "data.partitioner.alpha=0.3")
     assert (fed.label_counts() == plain.label_counts()).all()
     assert "domain" in fed.shift_info[0]
+
+
+def test_label_permutation_is_invisible_to_private_zero_init_heads(tmp_path):
+    """Documents a property the docs rely on: with private heads that start at zero, training is equivariant
+    to relabelling, so concept_mode=permute changes nothing for such strategies (group mode does)."""
+    from fedpers import simulate
+    from tests.conftest import tiny_overrides
+
+    def per_client(name, **extra):
+        out = tmp_path / name
+        assert simulate.main(tiny_overrides(out, **{"run.rounds": 1, "data.partitioner.name": "iid", **extra})) == 0
+        return json.loads((out / "summary.json").read_text())["final"]["per_client"]
+
+    plain = per_client("plain")
+    assert per_client("permute", **{"data.shift.name": "concept"}) == plain
+    assert per_client("group", **{"data.shift.name": "concept", "data.shift.concept_mode": "group",
+                                  "data.shift.num_label_groups": 3}) != plain

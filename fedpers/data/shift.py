@@ -74,7 +74,13 @@ def apply_domain(x: torch.Tensor, params: dict, seed: int, pid: int, split: int)
 
 
 def label_map(shift: ShiftConfig, seed: int, group: int, num_classes: int) -> np.ndarray:
-    """The concept of one group: ``new_label = map[old_label]``."""
+    """The concept of one group: ``new_label = map[old_label]``.
+
+    A permutation hurts any model whose head is shared, but a client whose head is private and starts at
+    zero trains exactly as without it (the loss is symmetric in the head's rows): measured results of
+    permute and no shift coincide for such strategies. Grouping merges different classes on different
+    clients, which changes what each client's features must separate.
+    """
     rng = np.random.default_rng([seed, group, _CONCEPT_TAG])
     order = rng.permutation(num_classes)
     if shift.concept_mode == "permute":
