@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fedpers.config import ExperimentConfig
 from fedpers.data import build_federated
 from fedpers.data.partition import ClientData
-from fedpers.models.prompted import backbone_from_config
+from fedpers.models.backbones import adapter_shapes, load_model
 from fedpers.payload import DTYPE, Reply
 from strategies import get_strategy_class
 
@@ -32,9 +32,10 @@ def seed_for(*parts: int) -> int:
 
 
 def client_tensor_shapes(cfg: ExperimentConfig, num_classes: int, dim: int) -> dict[str, tuple[int, ...]]:
-    """Every tensor a client trains, by name. The server derives what it sends from this."""
+    """Every tensor a client trains, by name: the backbone's adapter tensors (``prompts``, or LoRA
+    factors) and the linear head. The server derives what it sends from this."""
     return {
-        "prompts": (cfg.model.num_prompts, dim),
+        **adapter_shapes(cfg.model, dim),
         "head.weight": (num_classes, dim),
         "head.bias": (num_classes,),
     }
@@ -64,7 +65,7 @@ def make_context(cfg: ExperimentConfig, partition_id: int, server_round: int) ->
     fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
     if not 0 <= partition_id < len(fed.clients):
         raise ValueError(f"partition-id {partition_id} outside [0, {len(fed.clients)})")
-    model = backbone_from_config(cfg.model)
+    model = load_model(cfg.model)
     return ClientContext(cfg, partition_id, server_round, fed.clients[partition_id], model, fed.num_classes)
 
 
@@ -74,6 +75,10 @@ def initial_tensor(ctx: ClientContext, name: str) -> torch.Tensor:
     if name == "prompts":
         g = torch.Generator().manual_seed(seed_for(ctx.cfg.run.seed, ctx.partition_id, 0x9A))
         return torch.randn(*shape, generator=g) * ctx.cfg.model.prompt_init_std
+    if ".lora_" in name:
+        from fedpers.models.text import init_lora_tensor
+
+        return init_lora_tensor(name, shape, torch.Generator().manual_seed(seed_for(ctx.cfg.run.seed, ctx.partition_id, 0x10)))
     return torch.zeros(*shape)  # a zero head starts every client from the same, unbiased point
 
 
@@ -91,7 +96,7 @@ def start_tensors(ctx: ClientContext, received: dict[str, np.ndarray],
 
 
 def logits(ctx: ClientContext, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    feats = ctx.model.features(tokens, tensors["prompts"])
+    feats = ctx.model.features_with(tokens, tensors)
     return F.linear(feats, tensors["head.weight"], tensors["head.bias"])
 
 
@@ -169,7 +174,8 @@ def default_client_update(strategy_cls, ctx: ClientContext, received: dict[str, 
     """Train every client tensor jointly for ``client.local_epochs``; reply with deltas of sent ones."""
     tensors = start_tensors(ctx, received, state)
     losses = fit(ctx, tensors, list(tensors), ctx.cfg.client.local_epochs)
-    return finish(ctx, strategy_cls.sends, strategy_cls.personal, received, tensors, losses)
+    sends, personal = strategy_cls.tensor_roles(ctx.shapes)
+    return finish(ctx, sends, personal, received, tensors, losses)
 
 
 def client_round(

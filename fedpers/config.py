@@ -16,7 +16,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-PARTITIONERS = ("iid", "dirichlet", "pathological")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
+MODALITIES = ("vision", "text")
+ADAPTERS = ("prompt", "prefix", "lora")
 ENGINES = ("flower", "inprocess")
 
 
@@ -45,7 +47,8 @@ class RunConfig:
 
 @dataclass
 class PartitionerConfig:
-    name: str = "dirichlet"  # iid | dirichlet | pathological
+    name: str = "dirichlet"  # iid | dirichlet | pathological | natural (one client per value of partition_by)
+    partition_by: str = "user"  # natural: the column whose values name the clients (e.g. a dataset's user id)
     alpha: float = 0.1  # dirichlet concentration (smaller = more label skew)
     min_partition_size: int = 10  # dirichlet: resample until every client has this many samples
     self_balancing: bool = False  # dirichlet: stop adding to clients above the average size
@@ -63,8 +66,19 @@ class DataConfig:
 
 
 @dataclass
+class LoraModelConfig:
+    r: int = 8  # LoRA rank (hetlora: the largest rank; per-client ranks are strategy.ranks)
+    alpha: float = 16.0  # LoRA scaling numerator: the update is (alpha / r) * B A
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])  # module names LoRA wraps (peft target_modules)
+
+
+@dataclass
 class ModelConfig:
-    backbone: str = "vit_fedpers_digits"  # any timm ViT name
+    modality: str = "vision"  # vision: timm ViT + visual prompts | text: Hugging Face language model + peft adapter
+    backbone: str = "vit_fedpers_digits"  # vision: any timm ViT name; text: a hub model name or local folder (offline default: all-MiniLM-L6-v2)
+    adapter: str = "prompt"  # prompt: soft/visual prompts | prefix: prefix tuning (text) | lora: LoRA (text)
+    max_length: int = 64  # text: tokens per example (truncated / padded)
+    lora: LoraModelConfig = field(default_factory=LoraModelConfig)
     pretrained: bool = True  # load the backbone's pretrained weights (timm hub or fedpers' bundled file)
     checkpoint: Optional[str] = None  # local weights file for the backbone (overrides pretrained)
     num_prompts: int = 10  # K visual prompts inserted after the [CLS] token
@@ -162,7 +176,8 @@ def _require(ok: bool, field_name: str, message: str) -> None:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Range and name checks that a type schema cannot express."""
-    from fedpers.data import list_datasets
+    from fedpers.data import get_dataset_info, list_datasets
+    from strategies import get_strategy_class
 
     r, d, m, c = cfg.run, cfg.data, cfg.model, cfg.client
     _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
@@ -209,7 +224,18 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}")
     _require(d.min_test_size >= 1, "data.min_test_size", f"must be >= 1, got {d.min_test_size}")
 
-    _require(bool(m.backbone), "model.backbone", "must name a timm ViT")
+    _require(m.modality in MODALITIES, "model.modality", f"unknown modality {m.modality!r}; allowed: {', '.join(MODALITIES)}")
+    _require(m.adapter in ADAPTERS, "model.adapter", f"unknown adapter {m.adapter!r}; allowed: {', '.join(ADAPTERS)}")
+    _require(m.modality == "text" or m.adapter == "prompt", "model.adapter",
+             f"{m.adapter!r} needs model.modality=text; vision supports: prompt")
+    data_modality = get_dataset_info(d.dataset).modality
+    _require(data_modality == m.modality, "model.modality",
+             f"{m.modality!r} does not match dataset {d.dataset!r}, which is {data_modality}")
+    _require(m.max_length >= 2, "model.max_length", f"must be >= 2, got {m.max_length}")
+    _require(m.lora.r >= 1, "model.lora.r", f"must be >= 1, got {m.lora.r}")
+    _require(m.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {m.lora.alpha}")
+    _require(len(m.lora.targets) >= 1, "model.lora.targets", "must name at least one module")
+    _require(bool(m.backbone), "model.backbone", "must name a timm ViT or a Hugging Face model")
     _require(m.num_prompts >= 1, "model.num_prompts", f"must be >= 1, got {m.num_prompts}")
     _require(m.prompt_init_std >= 0, "model.prompt_init_std", f"must be >= 0, got {m.prompt_init_std}")
     _require(m.img_size is None or m.img_size >= 1, "model.img_size", f"must be >= 1, got {m.img_size}")
@@ -221,6 +247,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(0 <= c.momentum < 1, "client.momentum", f"must be in [0, 1), got {c.momentum}")
     _require(c.weight_decay >= 0, "client.weight_decay", f"must be >= 0, got {c.weight_decay}")
     _require(c.batch_size >= 1, "client.batch_size", f"must be >= 1, got {c.batch_size}")
+    scls = get_strategy_class(cfg.strategy.name)
+    _require(m.modality in scls.modalities, "model.modality",
+             f"strategy {scls.name!r} supports {', '.join(scls.modalities)}, not {m.modality!r}")
+    _require(m.adapter in scls.adapters, "model.adapter",
+             f"strategy {scls.name!r} supports adapters {', '.join(scls.adapters)}, not {m.adapter!r}")
     validate_strategy = getattr(cfg.strategy, "validate", None)
     if validate_strategy is not None:
         validate_strategy()

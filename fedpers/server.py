@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from fedpers.config import ExperimentConfig
-from fedpers.models.prompted import backbone_embed_dim
+from fedpers.models.backbones import feature_dim
 from fedpers.payload import Failure, Reply, serialized_nbytes, validate_reply
 from fedpers.results import Ledger
 from strategies import ClientUpdate, Strategy, create_strategy
@@ -42,7 +42,7 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
     from fedpers.data.datasets import get_dataset_info
 
     num_classes = get_dataset_info(cfg.data.dataset).num_classes
-    shapes = client_tensor_shapes(cfg, num_classes, backbone_embed_dim(cfg.model.backbone))
+    shapes = client_tensor_shapes(cfg, num_classes, feature_dim(cfg.model))
     return create_strategy(
         cfg.strategy,
         num_clients=cfg.run.num_clients,

@@ -44,14 +44,14 @@ def configure_logging(verbose: bool) -> None:
 def preflight(cfg: ExperimentConfig) -> None:
     """Build the data and load the backbone once here, so bad data or weights fail before any round."""
     from fedpers.data import build_federated
-    from fedpers.models.prompted import backbone_from_config
+    from fedpers.models.backbones import load_model
 
     fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
     sizes = [c.num_train for c in fed.clients]
     logging.getLogger("fedpers").info(
         "%s: %d clients, train sizes min %d / max %d", cfg.data.dataset, len(sizes), min(sizes), max(sizes)
     )
-    backbone_from_config(cfg.model)
+    load_model(cfg.model)
 
 
 def run(cfg: ExperimentConfig) -> dict:

@@ -48,6 +48,16 @@ class Strategy(ABC):
     config_cls: ClassVar[type] = StrategyConfig
     sends: ClassVar[tuple[str, ...]] = ()
     personal: ClassVar[tuple[str, ...]] = HEAD
+    # What the strategy can run on (checked at config validation): model.modality and model.adapter.
+    modalities: ClassVar[tuple[str, ...]] = ("vision", "text")
+    adapters: ClassVar[tuple[str, ...]] = ("prompt", "prefix")
+
+    @classmethod
+    def tensor_roles(cls, shapes: dict[str, tuple[int, ...]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``(sends, personal)`` for these client tensors. Strategies whose tensor names depend on the
+        model (LoRA factors are named after the modules they wrap) override this; the server and the
+        client both call it, so they always agree."""
+        return cls.sends, cls.personal
 
     @classmethod
     def client_update(cls, ctx, received: dict[str, np.ndarray], state: dict[str, np.ndarray]):
@@ -64,6 +74,7 @@ class Strategy(ABC):
         self.num_clients = num_clients
         self.shapes = dict(shapes)
         self.seed = seed
+        self.sends, self.personal = type(self).tensor_roles(self.shapes)
 
     def reply_spec(self) -> dict[str, tuple[int, ...]]:
         """Exact keys and shapes a valid reply carries."""

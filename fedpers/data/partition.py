@@ -23,9 +23,9 @@ class DataError(ValueError):
 
 @dataclass
 class ClientData:
-    x_train: torch.Tensor
+    x_train: torch.Tensor | list[str]  # images (N, C, H, W), or strings for text datasets
     y_train: torch.Tensor
-    x_test: torch.Tensor
+    x_test: torch.Tensor | list[str]
     y_test: torch.Tensor
 
     @property
@@ -50,7 +50,12 @@ class FederatedData:
 
 
 def make_partitioner(p: PartitionerConfig, num_partitions: int, seed: int):
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+    )
 
     if p.name == "iid":
         return IidPartitioner(num_partitions=num_partitions)
@@ -73,6 +78,8 @@ def make_partitioner(p: PartitionerConfig, num_partitions: int, seed: int):
             shuffle=True,
             seed=seed,
         )
+    if p.name == "natural":
+        return NaturalIdPartitioner(partition_by=p.partition_by)
     raise DataError(f"data.partitioner.name: unknown partitioner {p.name!r}")
 
 
@@ -99,6 +106,8 @@ def _build_cached(data_json: str, num_clients: int, seed: int) -> FederatedData:
     # IidPartitioner shards contiguously; shuffle first so it is a seeded random split.
     ds = ds.shuffle(seed=seed)
     partitioner = make_partitioner(data.partitioner, num_clients, seed)
+    if data.partitioner.name == "natural":
+        _check_natural(ds, data, num_clients)
     partitioner.dataset = ds
     clients = []
     for pid in range(num_clients):
@@ -110,6 +119,16 @@ def _build_cached(data_json: str, num_clients: int, seed: int) -> FederatedData:
     return FederatedData(data.dataset, info.num_classes, info.image_shape, clients)
 
 
+def _check_natural(ds, data: DataConfig, num_clients: int) -> None:
+    key = data.partitioner.partition_by
+    if key not in ds.column_names:
+        raise DataError(f"data.partitioner.partition_by={key!r}: dataset {data.dataset!r} has columns {ds.column_names}")
+    n = len(set(ds[key]))
+    if n != num_clients:
+        raise DataError(f"data.partitioner.name=natural: dataset {data.dataset!r} has {n} distinct {key!r} values, "
+                        f"so run.num_clients must be {n}, not {num_clients}")
+
+
 def _split(part, data: DataConfig, pid: int, seed: int) -> ClientData:
     n = len(part)
     n_test = int(round(data.test_fraction * n))
@@ -119,9 +138,12 @@ def _split(part, data: DataConfig, pid: int, seed: int) -> ClientData:
             f"data.min_test_size={data.min_test_size} (data.test_fraction={data.test_fraction}); "
             "use fewer clients, a larger data.partitioner.alpha or data.partitioner.min_partition_size"
         )
-    part = part.with_format("numpy")
-    x = torch.from_numpy(np.asarray(part["image"], dtype=np.float32))
-    y = torch.from_numpy(np.asarray(part["label"], dtype=np.int64))
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + pid))
     test, train = order[:n_test], order[n_test:]
+    y = torch.from_numpy(np.asarray(part["label"], dtype=np.int64))
+    if "text" in part.column_names:  # text stays as strings; the model tokenises (and caches) them
+        texts = list(part["text"])
+        return ClientData([texts[i] for i in train.tolist()], y[train], [texts[i] for i in test.tolist()], y[test])
+    part = part.with_format("numpy")
+    x = torch.from_numpy(np.asarray(part["image"], dtype=np.float32))
     return ClientData(x[train], y[train], x[test], y[test])

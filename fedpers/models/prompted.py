@@ -21,6 +21,8 @@ class BackboneError(ValueError):
 
 
 class PromptedViT(nn.Module):
+    modality = "vision"
+
     def __init__(self, vit: nn.Module):
         super().__init__()
         for attr in ("patch_embed", "_pos_embed", "blocks", "norm", "num_prefix_tokens", "embed_dim"):
@@ -75,6 +77,10 @@ class PromptedViT(nn.Module):
         # Pool as the backbone would, but never over the prompt tokens.
         x = torch.cat([x[:, :k], x[:, k + prompts.shape[0] :]], dim=1)
         return vit.forward_head(x, pre_logits=True)
+
+    def features_with(self, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The adapted-backbone interface (see fedpers.models.backbones): prompts by name."""
+        return self.features(tokens, tensors["prompts"])
 
     def forward(self, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         return self.features(self.embed(self.prepare(images)), prompts)
