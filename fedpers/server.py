@@ -56,7 +56,6 @@ def collect(
     strategy: Strategy, sampled: list[int], raw: dict[int, Reply | Failure], max_bytes: int
 ) -> tuple[list[Reply], list[Failure]]:
     """Validate replies; anything unusable becomes a Failure with its reason. Sorted by partition id."""
-    spec = strategy.reply_spec()
     ok: list[Reply] = []
     failed: list[Failure] = []
     for pid in sorted(sampled):
@@ -68,7 +67,7 @@ def collect(
         elif r.partition_id != pid:
             failed.append(Failure(pid, "invalid", f"reply claims partition {r.partition_id}"))
         else:
-            reason = validate_reply(r, spec, max_bytes)
+            reason = validate_reply(r, strategy.reply_spec(pid), max_bytes)
             if reason is None:
                 ok.append(r)
             else:

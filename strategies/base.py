@@ -76,9 +76,14 @@ class Strategy(ABC):
         self.seed = seed
         self.sends, self.personal = type(self).tensor_roles(self.shapes)
 
-    def reply_spec(self) -> dict[str, tuple[int, ...]]:
-        """Exact keys and shapes a valid reply carries."""
-        return {f"delta/{k}": tuple(self.shapes[k]) for k in self.sends}
+    def client_shapes(self, partition_id: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the tensors exchanged with this client (hetlora: truncated to the client's rank)."""
+        return self.shapes
+
+    def reply_spec(self, partition_id: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Exact keys and shapes a valid reply (from ``partition_id``) carries."""
+        shapes = self.shapes if partition_id is None else self.client_shapes(partition_id)
+        return {f"delta/{k}": tuple(shapes[k]) for k in self.sends}
 
     @abstractmethod
     def configure(self, server_round: int, partition_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:

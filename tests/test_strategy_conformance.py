@@ -5,7 +5,21 @@ import pytest
 
 from fedpers.engine import InProcessTransport
 from fedpers.server import build_strategy, run_server
-from strategies import list_strategies
+from strategies import get_strategy_class, list_strategies
+
+
+def _cases() -> list[tuple[str, str]]:
+    """(strategy, adapter): vision prompts for vision-capable strategies, text LoRA for LoRA ones, and
+    the prompt strategies once more on text soft prompts (pfedpg must work unchanged there)."""
+    cases = []
+    for name in list_strategies():
+        cls = get_strategy_class(name)
+        if "vision" in cls.modalities:
+            cases.append((name, "vision"))
+        if "text" in cls.modalities and "lora" in cls.adapters:
+            cases.append((name, "lora"))
+    cases += [("pfedpg", "prompt"), ("fedvpt", "prefix")]
+    return cases
 
 
 class SpyTransport(InProcessTransport):
@@ -29,13 +43,18 @@ def run(cfg):
     return summary, t, strategy
 
 
-@pytest.fixture(scope="module", params=list_strategies())
+@pytest.fixture(scope="module", params=_cases(), ids=lambda c: "-".join(c))
 def two_rounds(request, tmp_path_factory):
     from fedpers.config import load_config
-    from tests.conftest import tiny_overrides
+    from tests.conftest import text_tiny_overrides, tiny_overrides
 
-    name = request.param
-    cfg = load_config(None, tiny_overrides(tmp_path_factory.mktemp(name), **{"strategy.name": name}))
+    name, adapter = request.param
+    out = tmp_path_factory.mktemp(f"{name}-{adapter}")
+    if adapter == "vision":
+        overrides = tiny_overrides(out, **{"strategy.name": name})
+    else:
+        overrides = text_tiny_overrides(out, adapter, **{"strategy.name": name})
+    cfg = load_config(None, overrides)
     return cfg, run(cfg)
 
 
@@ -46,7 +65,7 @@ def test_sends_and_receives_only_declared_tensors(two_rounds):
         for pid, arrays in sent.items():
             assert set(arrays) == set(strategy.sends)
             for k, a in arrays.items():
-                assert a.dtype == np.float32 and a.shape == tuple(strategy.shapes[k])
+                assert a.dtype == np.float32 and a.shape == tuple(strategy.client_shapes(pid)[k])
         for reply in received.values():
             assert set(reply.arrays) == {f"delta/{k}" for k in strategy.sends}
             # personal tensors (heads, for most strategies) never travel
