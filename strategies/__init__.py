@@ -11,7 +11,7 @@ from strategies.base import (
     list_strategies,
     register_strategy,
 )
-from strategies import fedvpt, hetlora, local, lora_baselines, pfedpg  # noqa: E402,F401  (registration side effects)
+from strategies import fedvpt, hetlora, local, lora_baselines, pfedlora_gen, pfedpg  # noqa: E402,F401  (registration side effects)
 
 __all__ = [
     "HEAD",
