@@ -107,3 +107,37 @@ class FedSALora(_LoraAvg):
     @classmethod
     def tensor_roles(cls, shapes):
         return lora_a(shapes), lora_b(shapes) + HEAD
+
+
+@dataclass
+class FedProxLoraConfig(LoraAvgConfig):
+    name: str = "fedprox_lora"
+    mu: float = 0.01  # weight of the proximal term (mu / 2) * ||LoRA - received LoRA||^2
+
+    def validate(self) -> None:
+        super().validate()
+        from strategies._checks import require
+
+        require(self.mu >= 0, "mu", f"must be >= 0, got {self.mu}")
+
+
+@register_strategy
+class FedProxLora(FedIT):
+    name = "fedprox_lora"
+    summary = "FedIT with FedProx's proximal term on the LoRA factors (FedProx on LoRA)"
+    config_cls = FedProxLoraConfig
+
+    @classmethod
+    def client_update(cls, ctx, received, state):
+        from fedpers.client import finish, fit, start_tensors
+
+        tensors = start_tensors(ctx, received, state)
+        anchor = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in received.items()}
+        mu = ctx.cfg.strategy.mu
+
+        def prox(t):
+            return 0.5 * mu * sum(((t[k] - anchor[k]) ** 2).sum() for k in anchor)
+
+        losses = fit(ctx, tensors, list(tensors), ctx.cfg.client.local_epochs, extra_loss=prox)
+        sends, personal = cls.tensor_roles(ctx.shapes)
+        return finish(ctx, sends, personal, received, tensors, losses)
