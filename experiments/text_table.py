@@ -38,7 +38,7 @@ def run_one(adapter: str, strategy: str, seed: int, rounds: int, out: Path) -> P
            f"strategy.name={strategy}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "FLWR_TELEMETRY_ENABLED": "0"}
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{folder.name} failed ({res.returncode}): {res.stderr[-2000:]}")
     return folder

@@ -81,7 +81,7 @@ class ModelConfig:
     lora: LoraModelConfig = field(default_factory=LoraModelConfig)
     pretrained: bool = True  # load the backbone's pretrained weights (timm hub or fedpers' bundled file)
     checkpoint: Optional[str] = None  # local weights file for the backbone (overrides pretrained)
-    num_prompts: int = 10  # K visual prompts inserted after the [CLS] token
+    num_prompts: int = 10  # K prompts: visual prompts after the [CLS] token; text: soft-prompt / prefix virtual tokens
     prompt_init_std: float = 0.5  # std of randomly initialised prompts (fedvpt, local)
     img_size: Optional[int] = None  # backbone input size in pixels (images are resized to it); default: the backbone's own
 
@@ -255,6 +255,9 @@ def validate(cfg: ExperimentConfig) -> None:
     validate_strategy = getattr(cfg.strategy, "validate", None)
     if validate_strategy is not None:
         validate_strategy()
+    validate_against = getattr(cfg.strategy, "validate_with", None)  # checks that need the rest of the config
+    if validate_against is not None:
+        validate_against(cfg)
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:

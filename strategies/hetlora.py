@@ -32,6 +32,10 @@ class HetLoraConfig(LoraAvgConfig):
         require(len(self.ranks) >= 1 and all(r >= 1 for r in self.ranks), "ranks",
                 f"must be a non-empty list of ranks >= 1, got {list(self.ranks)}")
 
+    def validate_with(self, cfg) -> None:
+        r = cfg.model.lora.r
+        require(max(self.ranks) <= r, "ranks", f"every rank must be <= model.lora.r={r}, got {list(self.ranks)}")
+
 
 def truncate(name: str, a: np.ndarray | torch.Tensor, r: int):
     return a[:r] if name.endswith("lora_A.weight") else a[:, :r]

@@ -16,7 +16,7 @@ SENTENCES = ["the match was great", "a new phone update", "pizza at the local di
 def minilm(adapter, **kw):
     from fedpers.models.text import load_text_model
 
-    args = dict(num_prompts=4, max_length=12, r=8, alpha=16.0, targets=("query", "value"))
+    args = {"num_prompts": 4, "max_length": 12, "r": 8, "alpha": 16.0, "targets": ("query", "value")}
     args.update(kw)
     return load_text_model("all-MiniLM-L6-v2", adapter, args["num_prompts"], args["max_length"], args["r"],
                            args["alpha"], args["targets"])
@@ -45,8 +45,8 @@ def test_tensors_round_trip_through_peft_and_drive_the_features(adapter):
     tensors = {k: torch.randn(*s, generator=g) * 0.1 for k, s in m.tensor_shapes().items()}
     m.load_tensors(tensors)
     back = m.read_tensors()
-    for k in tensors:
-        torch.testing.assert_close(back[k], tensors[k], rtol=0, atol=0)
+    for k, t in tensors.items():
+        torch.testing.assert_close(back[k], t, rtol=0, atol=0)
     batch = m.prepare(SENTENCES)
     assert batch.shape == (4, 2, 12)
     before = {n: p.detach().clone() for n, p in m.peft.named_parameters()}
@@ -141,3 +141,9 @@ def test_lora_strategy_rejects_prompt_adapter(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(None, text_tiny_overrides(tmp_path, "prompt", **{"strategy.name": "pfedlora_gen"}))
     assert e.value.field == "model.adapter" and "lora" in str(e.value)
+
+
+def test_hetlora_ranks_above_model_rank_name_the_field(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, text_tiny_overrides(tmp_path, "lora", **{"strategy.name": "hetlora", "model.lora.r": 4}))
+    assert e.value.field == "strategy.ranks"

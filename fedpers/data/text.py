@@ -80,7 +80,7 @@ def make_synthetic_text(num_users: int, per_user: int, seed: int = 0, swap_fract
     so every run sees the same dataset."""
     rng = np.random.default_rng(seed)
     styles = list(STYLES)
-    num_swapped = int(round(swap_fraction * num_users))
+    num_swapped = round(swap_fraction * num_users)
     swapped = set(rng.choice(num_users, size=num_swapped, replace=False).tolist())
     cols: dict[str, list] = {"text": [], "label": [], "user": [], "style": [], "convention": []}
     for u in range(num_users):
