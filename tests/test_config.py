@@ -114,3 +114,14 @@ def test_default_yaml_is_the_default():
 
     f = Path(__file__).parents[1] / "experiments" / "configs" / "default.yaml"
     assert load_config(f) == load_config()
+
+
+def test_config_reference_is_up_to_date():
+    """docs/config.md documents every field; regenerate it with `python -m fedpers.docs`."""
+    from fedpers.config import field_rows, fields_markdown
+    from fedpers.docs import CONFIG_DOC
+
+    assert CONFIG_DOC.read_text() == fields_markdown(), "docs/config.md is stale: run python -m fedpers.docs"
+    keys = {row[1] for row in field_rows()}
+    assert {"run.seed", "data.partitioner.alpha", "model.num_prompts", "client.batch_size", "strategy.name"} <= keys
+    assert all(row[4] for row in field_rows()), "every config field needs a # comment"
