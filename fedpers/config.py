@@ -282,10 +282,12 @@ def field_rows() -> list[tuple[str, str, str, str]]:
 
     def walk(cls: type, prefix: str, section: str) -> None:
         comments = {}
-        for line in inspect.getsource(cls).splitlines():
-            s = line.strip()
-            if ":" in s and "#" in s and not s.startswith("#"):
-                comments[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
+        # Base classes first, so a subclass's comment wins but inherited fields keep theirs.
+        for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+            for line in inspect.getsource(klass).splitlines():
+                s = line.strip()
+                if ":" in s and "#" in s and not s.startswith("#"):
+                    comments[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
         for f in dataclasses.fields(cls):
             key = f"{prefix}{f.name}"
             if f.name == "strategy" and prefix == "":
