@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from fedpers.config import ExperimentConfig
 from fedpers.data import ClientData, build_federated, get_dataset_info
 from fedpers.dp import privatize_reply
+from fedpers.models.backbones import adapter_shapes, load_model
 from fedpers.models.prompted import backbone_from_config
 from fedpers.payload import DTYPE, Reply
 from strategies import get_strategy_class
@@ -35,9 +36,11 @@ BACKBONE = "backbone."  # prefix of backbone weights as client tensors (strategi
 
 
 def client_tensor_shapes(cfg: ExperimentConfig, num_classes: int, dim: int) -> dict[str, tuple[int, ...]]:
-    """Every tensor a client trains, by name. The server derives what it sends from this.
+    """Every tensor a client trains, by name: the backbone's adapter tensors, the linear head and, for
+    some strategies, more. The server derives what it sends from this.
 
-    Shallow prompts are ``prompts`` (K, D); a strategy with ``deep_prompts`` trains ``deep_prompts``
+    Adapter tensors are ``prompts`` (K, D) for visual or soft text prompts and prefixes, or peft's LoRA
+    factors by name; a strategy with ``deep_prompts`` trains ``deep_prompts``
     (depth, K, D) instead; one with ``trains_backbone`` also trains every backbone weight as
     ``backbone.<timm parameter name>``."""
     from fedpers.models.prompted import backbone_depth
@@ -47,7 +50,7 @@ def client_tensor_shapes(cfg: ExperimentConfig, num_classes: int, dim: int) -> d
     if getattr(cls, "deep_prompts", False):
         shapes = {"deep_prompts": (backbone_depth(cfg.model.backbone), k, dim)}
     else:
-        shapes = {"prompts": (k, dim)}
+        shapes = dict(adapter_shapes(cfg.model, dim))
     shapes.update({"head.weight": (num_classes, dim), "head.bias": (num_classes,)})
     if getattr(cls, "trains_backbone", False):
         shapes.update({k: tuple(v.shape) for k, v in backbone_tensors(cfg).items()})
@@ -88,7 +91,7 @@ def make_context(cfg: ExperimentConfig, partition_id: int, server_round: int,
         if not 0 <= partition_id < len(fed.clients):
             raise ValueError(f"partition-id {partition_id} outside [0, {len(fed.clients)})")
         data = fed.clients[partition_id]
-    model = backbone_from_config(cfg.model)
+    model = load_model(cfg.model)
     return ClientContext(cfg, partition_id, server_round, data, model, get_dataset_info(cfg.data.dataset).num_classes)
 
 
@@ -100,6 +103,10 @@ def initial_tensor(ctx: ClientContext, name: str) -> torch.Tensor:
     if name in ("prompts", "deep_prompts"):
         g = torch.Generator().manual_seed(seed_for(ctx.cfg.run.seed, ctx.partition_id, 0x9A))
         return torch.randn(*shape, generator=g) * ctx.cfg.model.prompt_init_std
+    if ".lora_" in name:
+        from fedpers.models.text import init_lora_tensor
+
+        return init_lora_tensor(name, shape, torch.Generator().manual_seed(seed_for(ctx.cfg.run.seed, ctx.partition_id, 0x10)))
     return torch.zeros(*shape)  # a zero head starts every client from the same, unbiased point
 
 
@@ -117,13 +124,15 @@ def start_tensors(ctx: ClientContext, received: dict[str, np.ndarray],
 
 
 def logits(ctx: ClientContext, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Prepared images (``model.prepare``) -> class logits under the client tensors ``tensors``."""
-    prompts = tensors["deep_prompts"] if "deep_prompts" in tensors else tensors["prompts"]
+    """Prepared inputs (``model.prepare``) -> class logits under the client tensors ``tensors``."""
+    prompts = tensors["deep_prompts"] if "deep_prompts" in tensors else tensors.get("prompts")
     weights = {"vit." + k[len(BACKBONE):]: v for k, v in tensors.items() if k.startswith(BACKBONE)}
     if weights:  # the backbone itself is trained: run it with these weights in place of the frozen ones
         feats = torch.func.functional_call(ctx.model, weights, (x, prompts), {"prepared": True})
-    else:
+    elif "deep_prompts" in tensors:
         feats = ctx.model.features(ctx.model.embed(x), prompts)
+    else:
+        feats = ctx.model.features_with(ctx.model.embed(x), tensors)
     return F.linear(feats, tensors["head.weight"], tensors["head.bias"])
 
 
@@ -203,7 +212,8 @@ def default_client_update(strategy_cls, ctx: ClientContext, received: dict[str, 
     """Train every client tensor jointly for ``client.local_epochs``; reply with deltas of sent ones."""
     tensors = start_tensors(ctx, received, state)
     losses = fit(ctx, tensors, list(tensors), ctx.cfg.client.local_epochs)
-    return finish(ctx, strategy_cls.sends, strategy_cls.personal, received, tensors, losses)
+    sends, personal = strategy_cls.tensor_roles(ctx.shapes)
+    return finish(ctx, sends, personal, received, tensors, losses)
 
 
 def client_round(

@@ -21,6 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard", "inner_dirichlet", "size", "linear", "square",
                 "exponential", "natural_id")
 SHIFTS = ("none", "domain", "concept")
+MODALITIES = ("vision", "text")
+ADAPTERS = ("prompt", "prefix", "lora")
 ENGINES = ("flower", "inprocess")
 
 
@@ -89,11 +91,22 @@ class DataConfig:
 
 
 @dataclass
+class LoraModelConfig:
+    r: int = 8  # LoRA rank (hetlora: the largest rank; per-client ranks are strategy.ranks)
+    alpha: float = 16.0  # LoRA scaling numerator: the update is (alpha / r) * B A
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])  # module names LoRA wraps (peft target_modules)
+
+
+@dataclass
 class ModelConfig:
-    backbone: str = "vit_fedpers_digits"  # any timm ViT name
+    modality: str = "vision"  # vision: timm ViT + visual prompts | text: Hugging Face language model + peft adapter
+    backbone: str = "vit_fedpers_digits"  # vision: any timm ViT name; text: a hub model name or local folder (offline default: all-MiniLM-L6-v2)
+    adapter: str = "prompt"  # prompt: soft/visual prompts | prefix: prefix tuning (text) | lora: LoRA (text)
+    max_length: int = 64  # text: tokens per example (truncated / padded)
+    lora: LoraModelConfig = field(default_factory=LoraModelConfig)
     pretrained: bool = True  # load the backbone's pretrained weights (timm hub or fedpers' bundled file)
     checkpoint: Optional[str] = None  # local weights file for the backbone (overrides pretrained)
-    num_prompts: int = 10  # K visual prompts inserted after the [CLS] token
+    num_prompts: int = 10  # K prompts: visual prompts after the [CLS] token; text: soft-prompt / prefix virtual tokens
     prompt_init_std: float = 0.5  # std of randomly initialised prompts (fedvpt, local)
     img_size: Optional[int] = None  # backbone input size in pixels (images are resized to it); default: the backbone's own
 
@@ -207,7 +220,8 @@ def _require(ok: bool, field_name: str, message: str) -> None:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Range and name checks that a type schema cannot express."""
-    from fedpers.data import list_datasets
+    from fedpers.data import get_dataset_info, list_datasets
+    from strategies import get_strategy_class
 
     r, d, m, c = cfg.run, cfg.data, cfg.model, cfg.client
     _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
@@ -245,7 +259,20 @@ def validate(cfg: ExperimentConfig) -> None:
 
     validate_data(cfg)
 
-    _require(bool(m.backbone), "model.backbone", "must name a timm ViT")
+    _require(m.modality in MODALITIES, "model.modality", f"unknown modality {m.modality!r}; allowed: {', '.join(MODALITIES)}")
+    _require(m.adapter in ADAPTERS, "model.adapter", f"unknown adapter {m.adapter!r}; allowed: {', '.join(ADAPTERS)}")
+    _require(m.modality == "text" or m.adapter == "prompt", "model.adapter",
+             f"{m.adapter!r} needs model.modality=text; vision supports: prompt")
+    _require(m.modality != "text" or d.shift.name != "domain", "data.shift.name",
+             "domain shift transforms images; with model.modality=text use: none, concept")
+    data_modality = get_dataset_info(d.dataset).modality
+    _require(data_modality == m.modality, "model.modality",
+             f"{m.modality!r} does not match dataset {d.dataset!r}, which is {data_modality}")
+    _require(m.max_length >= 2, "model.max_length", f"must be >= 2, got {m.max_length}")
+    _require(m.lora.r >= 1, "model.lora.r", f"must be >= 1, got {m.lora.r}")
+    _require(m.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {m.lora.alpha}")
+    _require(len(m.lora.targets) >= 1, "model.lora.targets", "must name at least one module")
+    _require(bool(m.backbone), "model.backbone", "must name a timm ViT or a Hugging Face model")
     _require(m.num_prompts >= 1, "model.num_prompts", f"must be >= 1, got {m.num_prompts}")
     _require(m.prompt_init_std >= 0, "model.prompt_init_std", f"must be >= 0, got {m.prompt_init_std}")
     _require(m.img_size is None or m.img_size >= 1, "model.img_size", f"must be >= 1, got {m.img_size}")
@@ -263,9 +290,17 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(dp.noise_multiplier == 0 or dp.clip_norm > 0, "dp.noise_multiplier",
              "noise needs a clipping bound: set dp.clip_norm > 0")
     _require(0 < dp.delta < 1, "dp.delta", f"must be in (0, 1), got {dp.delta}")
+    scls = get_strategy_class(cfg.strategy.name)
+    _require(m.modality in scls.modalities, "model.modality",
+             f"strategy {scls.name!r} supports {', '.join(scls.modalities)}, not {m.modality!r}")
+    _require(m.adapter in scls.adapters, "model.adapter",
+             f"strategy {scls.name!r} supports adapters {', '.join(scls.adapters)}, not {m.adapter!r}")
     validate_strategy = getattr(cfg.strategy, "validate", None)
     if validate_strategy is not None:
         validate_strategy()
+    validate_against = getattr(cfg.strategy, "validate_with", None)  # checks that need the rest of the config
+    if validate_against is not None:
+        validate_against(cfg)
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:

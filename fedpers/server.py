@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from fedpers.config import ExperimentConfig, RunConfig, holdout_count
-from fedpers.models.prompted import backbone_embed_dim
+from fedpers.models.backbones import feature_dim
 from fedpers.payload import Failure, Reply, serialized_nbytes, validate_reply
 from fedpers.results import Ledger
 from strategies import ClientUpdate, Strategy, create_strategy
@@ -54,7 +54,7 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
     from strategies import get_strategy_class
 
     num_classes = get_dataset_info(cfg.data.dataset).num_classes
-    shapes = client_tensor_shapes(cfg, num_classes, backbone_embed_dim(cfg.model.backbone))
+    shapes = client_tensor_shapes(cfg, num_classes, feature_dim(cfg.model))
     extra = {}
     if get_strategy_class(cfg.strategy.name).trains_backbone:  # the server starts from the pretrained weights
         extra["backbone_state"] = {k: v.numpy() for k, v in backbone_tensors(cfg).items()}
@@ -72,7 +72,6 @@ def collect(
     strategy: Strategy, sampled: list[int], raw: dict[int, Reply | Failure], max_bytes: int
 ) -> tuple[list[Reply], list[Failure]]:
     """Validate replies; anything unusable becomes a Failure with its reason. Sorted by partition id."""
-    spec = strategy.reply_spec()
     ok: list[Reply] = []
     failed: list[Failure] = []
     for pid in sorted(sampled):
@@ -84,7 +83,7 @@ def collect(
         elif r.partition_id != pid:
             failed.append(Failure(pid, "invalid", f"reply claims partition {r.partition_id}", "partition"))
         else:
-            reason = validate_reply(r, spec, max_bytes)
+            reason = validate_reply(r, strategy.reply_spec(pid), max_bytes)
             if reason is None:
                 ok.append(r)
             else:

@@ -47,7 +47,7 @@ def preflight(cfg: ExperimentConfig) -> None:
 
     from fedpers.data import build_federated
     from fedpers.data.stats import write_report
-    from fedpers.models.prompted import backbone_from_config
+    from fedpers.models.backbones import load_model
 
     fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
     # Every results folder says what the clients' data looked like (same files as `python -m fedpers.partitions`).
@@ -56,7 +56,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     logging.getLogger("fedpers").info(
         "%s: %d clients, train sizes min %d / max %d", cfg.data.dataset, len(sizes), min(sizes), max(sizes)
     )
-    backbone_from_config(cfg.model)
+    load_model(cfg.model)
 
 
 def run(cfg: ExperimentConfig) -> dict:

@@ -22,8 +22,11 @@ from strategies import (  # noqa: E402,F401  (registration side effects)
     fedrep,
     fedvpt,
     fedvpt_deep,
+    hetlora,
     local,
+    lora_baselines,
     pfedhn,
+    pfedlora_gen,
     pfedpg,
 )
 

@@ -52,6 +52,16 @@ class Strategy(ABC):
     personal: ClassVar[tuple[str, ...]] = HEAD
     deep_prompts: ClassVar[bool] = False  # clients train (depth, K, D) ``deep_prompts`` instead of ``prompts``
     trains_backbone: ClassVar[bool] = False  # backbone weights are client tensors (the server gets them at init)
+    # What the strategy can run on (checked at config validation): model.modality and model.adapter.
+    modalities: ClassVar[tuple[str, ...]] = ("vision", "text")
+    adapters: ClassVar[tuple[str, ...]] = ("prompt", "prefix")
+
+    @classmethod
+    def tensor_roles(cls, shapes: dict[str, tuple[int, ...]]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``(sends, personal)`` for these client tensors. Strategies whose tensor names depend on the
+        model (LoRA factors are named after the modules they wrap) override this; the server and the
+        client both call it, so they always agree."""
+        return cls.sends, cls.personal
 
     @classmethod
     def client_update(cls, ctx, received: dict[str, np.ndarray], state: dict[str, np.ndarray]):
@@ -68,10 +78,16 @@ class Strategy(ABC):
         self.num_clients = num_clients
         self.shapes = dict(shapes)
         self.seed = seed
+        self.sends, self.personal = type(self).tensor_roles(self.shapes)
 
-    def reply_spec(self) -> dict[str, tuple[int, ...]]:
-        """Exact keys and shapes a valid reply carries."""
-        return {f"delta/{k}": tuple(self.shapes[k]) for k in self.sends}
+    def client_shapes(self, partition_id: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of the tensors exchanged with this client (hetlora: truncated to the client's rank)."""
+        return self.shapes
+
+    def reply_spec(self, partition_id: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Exact keys and shapes a valid reply (from ``partition_id``) carries."""
+        shapes = self.shapes if partition_id is None else self.client_shapes(partition_id)
+        return {f"delta/{k}": tuple(shapes[k]) for k in self.sends}
 
     @abstractmethod
     def configure(self, server_round: int, partition_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:

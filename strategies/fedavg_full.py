@@ -34,6 +34,7 @@ class FedAvgFull(Averaging):
     config_cls = FedAvgFullConfig
     personal = ()
     trains_backbone = True
+    modalities = ("vision",)  # the backbone weights it averages are a timm ViT's
     sends = ("prompts", *HEAD)  # extended per instance with the backbone's weights
 
     def __init__(self, config, *, num_clients, shapes, seed, init_std=0.5, backbone_state=None):
@@ -45,9 +46,13 @@ class FedAvgFull(Averaging):
             raise ConfigError("model.backbone", f"fedavg_full would send {n:,} backbone weights per client and round, "
                               f"more than strategy.max_backbone_params={config.max_backbone_params:,}; use a small "
                               "backbone (the default vit_fedpers_digits) or raise that limit")
-        self.sends = (*type(self).sends, *backbone)
         super().__init__(config, num_clients=num_clients, shapes=shapes, seed=seed, init_std=init_std,
                          backbone_state=backbone_state)
+
+    @classmethod
+    def tensor_roles(cls, shapes):
+        """Sends the backbone's weights too; their names come from the backbone."""
+        return (*cls.sends, *(k for k in shapes if k.startswith("backbone."))), cls.personal
 
     @classmethod
     def client_update(cls, ctx, received, state):

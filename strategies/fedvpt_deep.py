@@ -22,3 +22,4 @@ class FedVPTDeep(Averaging):
     config_cls = FedVPTDeepConfig
     sends = ("deep_prompts",)
     deep_prompts = True
+    modalities = ("vision",)  # deep prompts replace the prompt tokens of every timm ViT block

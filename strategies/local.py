@@ -1,4 +1,4 @@
-"""Local training only: each client tunes its own prompts and head; nothing crosses the network."""
+"""Local training only: each client tunes its own prompts (or LoRA) and head; nothing crosses the network."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ class Local(Strategy):
     config_cls = LocalConfig
     sends = ()
     personal = ("prompts", *HEAD)
+    adapters = ("prompt", "prefix", "lora")
+
+    @classmethod
+    def tensor_roles(cls, shapes):
+        return (), tuple(shapes)  # every client tensor (prompts or LoRA factors, and the head) stays local
 
     def configure(self, server_round, partition_ids):
         return {pid: {} for pid in partition_ids}

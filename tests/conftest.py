@@ -43,3 +43,18 @@ def tiny_cfg(tmp_path):
         return load_config(None, tiny_overrides(tmp_path / "out", **extra))
 
     return make
+
+
+def text_tiny_overrides(out_dir, adapter: str = "lora", **extra) -> list[str]:
+    """The tiny federation on the small synthetic text set and the packaged MiniLM (short sequences)."""
+    text = {
+        "model.modality": "text",
+        "model.backbone": "all-MiniLM-L6-v2",
+        "model.adapter": adapter,
+        "model.max_length": 16,
+        "model.num_prompts": 4,
+        "data.dataset": "synthetic_text_small",
+        "data.partitioner.name": "iid",
+    }
+    text.update(extra)
+    return tiny_overrides(out_dir, **text)

@@ -10,7 +10,21 @@ import pytest
 
 from fedpers.engine import InProcessTransport
 from fedpers.server import build_strategy, run_server, split_clients
-from strategies import list_strategies
+from strategies import get_strategy_class, list_strategies
+
+
+def _cases() -> list[tuple[str, str]]:
+    """(strategy, adapter): vision prompts for vision-capable strategies, text LoRA for LoRA ones, and
+    the prompt strategies once more on text soft prompts (pfedpg must work unchanged there)."""
+    cases = []
+    for name in list_strategies():
+        cls = get_strategy_class(name)
+        if "vision" in cls.modalities:
+            cases.append((name, "vision"))
+        if "text" in cls.modalities and "lora" in cls.adapters:
+            cases.append((name, "lora"))
+    cases += [("pfedpg", "prompt"), ("fedvpt", "prefix")]
+    return cases
 
 
 class SpyTransport(InProcessTransport):
@@ -34,14 +48,20 @@ def run(cfg):
     return summary, t, strategy
 
 
-@pytest.fixture(scope="module", params=list_strategies())
+@pytest.fixture(scope="module", params=_cases(), ids=lambda c: "-".join(c))
 def two_rounds(request, tmp_path_factory):
     from fedpers.config import load_config
-    from tests.conftest import tiny_overrides
+    from tests.conftest import text_tiny_overrides, tiny_overrides
 
-    name = request.param
-    cfg = load_config(None, tiny_overrides(tmp_path_factory.mktemp(name), **{
-        "strategy.name": name, "run.holdout_clients": 1, "run.clients_per_round": 2, "run.unseen_rounds": 1}))
+    name, adapter = request.param
+    out = tmp_path_factory.mktemp(f"{name}-{adapter}")
+    # One client is held out, so every run also exercises the unseen-client phase.
+    extra = {"strategy.name": name, "run.holdout_clients": 1, "run.clients_per_round": 2, "run.unseen_rounds": 1}
+    if adapter == "vision":
+        overrides = tiny_overrides(out, **extra)
+    else:
+        overrides = text_tiny_overrides(out, adapter, **extra)
+    cfg = load_config(None, overrides)
     return cfg, run(cfg)
 
 
@@ -50,11 +70,11 @@ def test_sends_and_receives_only_declared_tensors(two_rounds):
     assert summary["rounds"] == 2 and summary["failures"] == 0
     assert len(t.sent) == cfg.run.rounds + cfg.run.unseen_rounds  # training rounds, then the unseen exchange
     for sent, received in zip(t.sent, t.received):
-        for arrays in sent.values():
+        for pid, arrays in sent.items():
             assert set(arrays) == set(strategy.sends)
             assert not set(arrays) & set(strategy.personal)
             for k, a in arrays.items():
-                assert a.dtype == np.float32 and a.shape == tuple(strategy.shapes[k])
+                assert a.dtype == np.float32 and a.shape == tuple(strategy.client_shapes(pid)[k])
         for reply in received.values():
             assert set(reply.arrays) == {f"delta/{k}" for k in strategy.sends}
             # the rule: personal tensors never travel (heads, for most strategies; for fedavg-like ones

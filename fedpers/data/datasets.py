@@ -27,14 +27,16 @@ class DatasetInfo:
     image_shape: tuple[int, int, int]
     loader: Callable[[], "object"]
     description: str
+    modality: str = "vision"  # vision: ``image`` column; text: ``text`` column (and optional ``user``)
 
 
 _REGISTRY: dict[str, DatasetInfo] = {}
 
 
-def register_dataset(name: str, num_classes: int, image_shape: tuple[int, int, int], description: str):
+def register_dataset(name: str, num_classes: int, image_shape: tuple[int, ...], description: str,
+                     modality: str = "vision"):
     def deco(fn):
-        _REGISTRY[name] = DatasetInfo(name, num_classes, image_shape, fn, description)
+        _REGISTRY[name] = DatasetInfo(name, num_classes, image_shape, fn, description, modality)
         return fn
 
     return deco

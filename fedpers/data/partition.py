@@ -27,9 +27,9 @@ class DataError(ValueError):
 
 @dataclass
 class ClientData:
-    x_train: torch.Tensor
+    x_train: torch.Tensor | list[str]  # images (N, C, H, W), or strings for text datasets
     y_train: torch.Tensor
-    x_test: torch.Tensor
+    x_test: torch.Tensor | list[str]
     y_test: torch.Tensor
 
     @property
@@ -110,10 +110,13 @@ def _build_cached(data_json: str, num_clients: int, seed: int) -> FederatedData:
         raise DataError(f"partitioning {data.dataset!r} into {num_clients} clients with "
                         f"data.partitioner.name={p.name!r} failed: {e}") from e
     parts, moved = enforce_min_size(parts, data, seed)
-    images = np.asarray(ds.with_format("numpy")["image"], dtype=np.float32)
+    if "text" in ds.column_names:  # text stays as strings; the model tokenises (and caches) them
+        inputs = np.asarray(ds["text"], dtype=object)
+    else:
+        inputs = np.asarray(ds.with_format("numpy")["image"], dtype=np.float32)
     clients, infos = [], []
     for pid, rows in enumerate(parts):
-        client, shift_info = _split(images[rows], labels[rows], data, info.num_classes, pid, seed)
+        client, shift_info = _split(inputs[rows], labels[rows], data, info.num_classes, pid, seed)
         clients.append(client)
         infos.append({**shift_info, **({"rebalanced_in": moved[pid]} if moved.get(pid) else {})})
     return FederatedData(data.dataset, info.num_classes, info.image_shape, clients, infos)
@@ -169,10 +172,14 @@ def _split(x_all: np.ndarray, y_all: np.ndarray, data: DataConfig, num_classes: 
 
     n = len(y_all)
     n_test = _num_test(n, data.test_fraction)
-    x = torch.from_numpy(x_all)
     y = torch.from_numpy(y_all)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + pid))
     test, train = order[:n_test], order[n_test:]
+    if x_all.dtype == object:  # text: lists of strings (domain shift is image-only; validated at config time)
+        (x_tr, x_te), (y_tr, y_te), shift_info = apply_shift(data.shift, seed, pid, num_classes,
+                                                             [None, None], [y[train], y[test]])
+        return ClientData([x_all[i] for i in train.tolist()], y_tr, [x_all[i] for i in test.tolist()], y_te), shift_info
+    x = torch.from_numpy(x_all)
     (x_tr, x_te), (y_tr, y_te), shift_info = apply_shift(data.shift, seed, pid, num_classes,
                                                          [x[train], x[test]], [y[train], y[test]])
     return ClientData(x_tr, y_tr, x_te, y_te), shift_info

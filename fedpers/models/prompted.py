@@ -21,6 +21,8 @@ class BackboneError(ValueError):
 
 
 class PromptedViT(nn.Module):
+    modality = "vision"
+
     def __init__(self, vit: nn.Module):
         super().__init__()
         for attr in ("patch_embed", "_pos_embed", "blocks", "norm", "num_prefix_tokens", "embed_dim"):
@@ -93,6 +95,10 @@ class PromptedViT(nn.Module):
         # Pool as the backbone would, but never over the prompt tokens.
         x = torch.cat([x[:, :k], x[:, k + num_p :]], dim=1)
         return vit.forward_head(x, pre_logits=True)
+
+    def features_with(self, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The adapted-backbone interface (see fedpers.models.backbones): prompts by name."""
+        return self.features(tokens, tensors["prompts"])
 
     def forward(self, images: torch.Tensor, prompts: torch.Tensor, *, prepared: bool = False) -> torch.Tensor:
         """Images -> features. ``prepared=True`` takes normalised inputs and runs the patch embedding
