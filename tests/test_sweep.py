@@ -48,7 +48,7 @@ def test_benchmark_grid_is_valid(tmp_path):
     labels = {c.strategy for c in cells}
     vision = {n for n in list_strategies() if "vision" in get_strategy_class(n).modalities}
     assert labels >= vision  # every registered vision strategy, plus tuned variants
-    assert len(cells) == len(labels) * 3 * 3
+    assert len(cells) == len(labels) * 5 * 3  # 5 partition settings, 3 seeds
     assert all(c.cfg.run.engine == "inprocess" and c.cfg.run.holdout_clients == 2 for c in cells)
     assert {c.cfg.data.partitioner.alpha for c in cells if c.partition.startswith("dir")} == {0.1, 0.5}
 
