@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedpers import cache
 from fedpers.config import ExperimentConfig
 from fedpers.data import build_federated
 from fedpers.data.partition import ClientData
@@ -90,9 +91,37 @@ def start_tensors(ctx: ClientContext, received: dict[str, np.ndarray],
     return out
 
 
-def logits(ctx: ClientContext, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    feats = ctx.model.features(tokens, tensors["prompts"])
+def backbone_features(ctx: ClientContext, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return ctx.model.features(tokens, tensors["prompts"])
+
+
+def head_logits(feats: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.linear(feats, tensors["head.weight"], tensors["head.bias"])
+
+
+def logits(ctx: ClientContext, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return head_logits(backbone_features(ctx, tokens, tensors), tensors)
+
+
+def backbone_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The client tensors the backbone reads (everything but the head)."""
+    return {k: v for k, v in tensors.items() if not k.startswith("head.")}
+
+
+def batch_tokens(ctx: ClientContext, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``idx -> tokens of x[idx]``: from the process cache (run.cache), else embedded per batch."""
+    cached = cache.tokens(ctx.cfg.run, ctx.model, x)
+    if cached is not None:
+        return lambda idx: cached[idx]
+    prepared = ctx.model.prepare(x)
+    return lambda idx: ctx.model.embed(prepared[idx])
+
+
+def frozen_features(ctx: ClientContext, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Features of every row of ``x`` under the current backbone tensors, from the process cache
+    (None when run.cache is off). Only valid while those tensors are not being trained."""
+    return cache.frozen_features(ctx.cfg.run, ctx.model, x, backbone_tensors(tensors),
+                                 lambda t: backbone_features(ctx, t, tensors))
 
 
 def fit(
@@ -113,14 +142,18 @@ def fit(
     opt = torch.optim.SGD([tensors[n] for n in names], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
     g = ctx.generator(*((salt,) if salt else ()))
     data = ctx.data
-    x_train = ctx.model.prepare(data.x_train)
+    tokens = batch_tokens(ctx, data.x_train)
+    # Head-only training: the backbone's output is fixed, so compute it once (exact; see fedpers.cache).
+    head_only = not any(k in names for k in backbone_tensors(tensors))
+    feats = frozen_features(ctx, data.x_train, tensors) if head_only else None
     n = data.num_train
     losses = []
     for _ in range(epochs):
         order = torch.randperm(n, generator=g)
         for i in range(0, n, c.batch_size):
             idx = order[i : i + c.batch_size]
-            loss = F.cross_entropy(logits(ctx, ctx.model.embed(x_train[idx]), tensors), data.y_train[idx])
+            out = head_logits(feats[idx], tensors) if feats is not None else logits(ctx, tokens(idx), tensors)
+            loss = F.cross_entropy(out, data.y_train[idx])
             if extra_loss is not None:
                 loss = loss + extra_loss(tensors)
             opt.zero_grad(set_to_none=True)
@@ -135,8 +168,10 @@ def fit(
 @torch.no_grad()
 def evaluate(ctx: ClientContext, tensors: dict[str, torch.Tensor]) -> tuple[float, float]:
     """(loss, accuracy) of the client's model on its own test split."""
-    tokens = ctx.model.embed(ctx.model.prepare(ctx.data.x_test))
-    out = logits(ctx, tokens, tensors)
+    feats = frozen_features(ctx, ctx.data.x_test, tensors)
+    if feats is None:
+        feats = backbone_features(ctx, ctx.model.embed(ctx.model.prepare(ctx.data.x_test)), tensors)
+    out = head_logits(feats, tensors)
     loss = float(F.cross_entropy(out, ctx.data.y_test))
     acc = float((out.argmax(1) == ctx.data.y_test).float().mean())
     return loss, acc
@@ -144,16 +179,17 @@ def evaluate(ctx: ClientContext, tensors: dict[str, torch.Tensor]) -> tuple[floa
 
 def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], received: dict[str, np.ndarray],
            trained: dict[str, torch.Tensor], losses: list[float],
-           eval_tensors: dict[str, torch.Tensor] | None = None) -> tuple[Reply, dict[str, np.ndarray]]:
+           eval_tensors: dict[str, torch.Tensor] | None = None,
+           eval_result: tuple[float, float] | None = None) -> tuple[Reply, dict[str, np.ndarray]]:
     """Deltas of the sent tensors, the new personal state, and metrics (evaluated on ``eval_tensors``,
-    default ``trained``)."""
+    default ``trained``; or given as ``eval_result`` = (loss, accuracy) by a batched evaluator)."""
     arrays = {
         f"delta/{k}": (trained[k].detach() - torch.from_numpy(np.asarray(received[k], dtype=DTYPE)))
         .numpy().astype(DTYPE)
         for k in sends
     }
     state = {k: trained[k].detach().numpy().astype(DTYPE).copy() for k in personal}
-    test_loss, test_acc = evaluate(ctx, eval_tensors if eval_tensors is not None else trained)
+    test_loss, test_acc = eval_result or evaluate(ctx, eval_tensors if eval_tensors is not None else trained)
     steps_per_epoch = max(1, -(-ctx.data.num_train // ctx.cfg.client.batch_size))
     metrics = {
         "train_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else float("nan"),

@@ -64,8 +64,12 @@ class PromptedViT(nn.Module):
 
     def features(self, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """Embedded tokens (from :meth:`embed`) + prompts (K, D) -> pooled features (N, D)."""
-        n = tokens.shape[0]
-        p = prompts.unsqueeze(0).expand(n, -1, -1)
+        return self.features_per_row(tokens, prompts.unsqueeze(0).expand(tokens.shape[0], -1, -1))
+
+    def features_per_row(self, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """As :meth:`features` with one prompt set per row, prompts (N, K, D): clients with different
+        prompts then share one forward/backward pass (``fedpers.batched``)."""
+        p = prompts
         k = self.num_prefix
         x = torch.cat([tokens[:, :k], p, tokens[:, k:]], dim=1)
         vit = self.vit
@@ -73,7 +77,7 @@ class PromptedViT(nn.Module):
         x = vit.blocks(x)
         x = vit.norm(x)
         # Pool as the backbone would, but never over the prompt tokens.
-        x = torch.cat([x[:, :k], x[:, k + prompts.shape[0] :]], dim=1)
+        x = torch.cat([x[:, :k], x[:, k + p.shape[1] :]], dim=1)
         return vit.forward_head(x, pre_logits=True)
 
     def forward(self, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
