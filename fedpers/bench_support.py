@@ -46,7 +46,10 @@ def machine() -> dict:
     except OSError:
         pass
     uptime = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                            cwd=Path(__file__).parent).stdout.strip() or os.environ.get("FEDPERS_COMMIT")
     return {
+        "commit": commit,
         "cpu": cpu,
         "cores_available": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(),
