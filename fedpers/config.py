@@ -43,7 +43,7 @@ class RunConfig:
     progress: bool = True  # show a progress bar over rounds
     num_cpus_per_client: float = 1.0  # Flower engine: CPU share of each simulated client
     cache: bool = True  # exact per-process caches of frozen computation (patch embeddings, frozen features)
-    cache_mb: float = 2048.0  # memory budget of those caches per process; clients past it are recomputed
+    cache_mb: float = 1024.0  # memory budget of those caches per process; clients past it are recomputed
     batch_clients: bool = False  # fast engine: train a round's clients together in mixed batches
     batch_max_samples: int = 1024  # batch_clients: most samples in one mixed forward/backward (clients grouped)
     device: str = "cpu"  # batch_clients: torch device of the batched trainer (cpu | cuda | cuda:N)
