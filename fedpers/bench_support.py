@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 MICRO_BACKBONE = "vit_fedpers_bench_micro"
 
@@ -170,3 +171,26 @@ def memory_child(num_clients: int, rounds: int) -> dict:
     return {"clients": num_clients, "rounds": rounds, "peak_rss_mb": status["peak_rss_mb"],
             "rss_before_run_mb": before, "rss_after_each_round_mb": [round(v, 2) for v in per_round],
             "growth_mb_per_round_after_round1": growth, "wall_s": wall}
+
+
+def prompts_from_layer(model, layer: int):
+    """A copy-free variant of a shallow-prompt ViT whose prompts enter at block ``layer`` instead of 0.
+
+    Stands in for the deep-prompt models of the strategy zoo to show and measure the token cache's
+    hook: ``embed`` returns everything below the first prompted layer (here ``blocks[:layer]``), so
+    ``fedpers.cache`` keeps those activations with no change of its own."""
+    from fedpers.models.prompted import PromptedViT
+
+    class PromptedFromLayer(PromptedViT):
+        def embed(self, x):
+            with torch.no_grad():
+                return self.vit.blocks[:layer](self.vit.norm_pre(super().embed(x)))
+
+        def features_per_row(self, tokens, prompts):
+            k, vit = self.num_prefix, self.vit
+            x = vit.blocks[layer:](torch.cat([tokens[:, :k], prompts, tokens[:, k:]], dim=1))
+            x = vit.norm(x)
+            x = torch.cat([x[:, :k], x[:, k + prompts.shape[1] :]], dim=1)
+            return vit.forward_head(x, pre_logits=True)
+
+    return PromptedFromLayer(model.vit)

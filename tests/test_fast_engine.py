@@ -71,6 +71,32 @@ def test_head_only_training_uses_frozen_features_exactly(tiny_cfg):
     np.testing.assert_allclose(out["true"][1], out["false"][1], rtol=0, atol=1e-6)
 
 
+def test_token_cache_keeps_activations_below_the_first_prompted_layer(tiny_cfg):
+    """The hook for deep prompts: a model whose prompts enter at block L returns blocks[:L] from embed;
+    the cache then holds those activations, and training matches the uncached run."""
+    import dataclasses
+
+    from fedpers.bench_support import prompts_from_layer
+    from fedpers.client import evaluate
+
+    cache.process_cache().clear()
+    out = {}
+    deep = None
+    for flag in ("false", "true"):
+        ctx = make_context(tiny_cfg(**{"run.cache": flag}), 0, 1)
+        deep = deep or prompts_from_layer(ctx.model, 3)
+        ctx = dataclasses.replace(ctx, model=deep)
+        tensors = start_tensors(ctx, {}, {})
+        losses = fit(ctx, tensors, list(tensors), epochs=1)
+        out[flag] = (tensors, losses, evaluate(ctx, tensors))
+    (entry,) = [e for (m, _), e in cache.process_cache().tokens_store.items() if m == id(deep)][:1]
+    assert entry.value.shape[1] == 1 + 16  # [cls] + 16 patches after 3 blocks, no prompts yet
+    for k in out["true"][0]:
+        torch.testing.assert_close(out["true"][0][k], out["false"][0][k], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["true"][1], out["false"][1], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out["true"][2], out["false"][2], rtol=0, atol=1e-6)
+
+
 def test_cache_budget_falls_back_to_recomputing(tiny_cfg):
     cache.process_cache().clear()
     a = two_rounds(tiny_cfg(**SMALL, **{"run.cache_mb": 0}))
