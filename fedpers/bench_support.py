@@ -125,7 +125,8 @@ def register_micro_backbone() -> str:
     if not timm.is_model(MICRO_BACKBONE):
         @register_model
         def vit_fedpers_bench_micro(pretrained: bool = False, **kwargs):
-            args = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0)
+            args = {"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 1, "num_heads": 2,
+                    "mlp_ratio": 2.0}
             # Without this, timm's default (ImageNet, 3-channel) normalisation would be used.
             overlay = {"input_size": (1, 8, 8), "mean": (0.5,), "std": (0.5,), "num_classes": 0}
             kwargs["pretrained_cfg_overlay"] = {**overlay, **(kwargs.get("pretrained_cfg_overlay") or {})}
