@@ -128,7 +128,9 @@ def p2_vs_flower(quick: bool, tmp: Path) -> dict:
             "load_average_after": bs.load_average(),
         }
     out["note"] = ("end_to_end = client updates per wall second of the whole command (Flower pays Ray's start); "
-                   "steady_rounds = median round time after round 1")
+                   "steady_rounds = median round time after round 1. Threads: the fast engine uses this "
+                   "process's torch threads (OMP_NUM_THREADS), Ray gives each Flower worker its assigned CPUs "
+                   "unless OMP_NUM_THREADS is set, so compare on an idle machine with OMP_NUM_THREADS unset")
     out["target"] = ">= 3 on (b)"
     return out
 
