@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from fedpers import cache
 from fedpers.config import ExperimentConfig
-from fedpers.data import build_federated
-from fedpers.data.partition import ClientData
+from fedpers.data import ClientData, build_federated, get_dataset_info
+from fedpers.dp import privatize_reply
 from fedpers.models.prompted import backbone_from_config
 from fedpers.payload import DTYPE, Reply
 from strategies import get_strategy_class
@@ -32,13 +32,33 @@ def seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
+BACKBONE = "backbone."  # prefix of backbone weights as client tensors (strategies with trains_backbone)
+
+
 def client_tensor_shapes(cfg: ExperimentConfig, num_classes: int, dim: int) -> dict[str, tuple[int, ...]]:
-    """Every tensor a client trains, by name. The server derives what it sends from this."""
-    return {
-        "prompts": (cfg.model.num_prompts, dim),
-        "head.weight": (num_classes, dim),
-        "head.bias": (num_classes,),
-    }
+    """Every tensor a client trains, by name. The server derives what it sends from this.
+
+    Shallow prompts are ``prompts`` (K, D); a strategy with ``deep_prompts`` trains ``deep_prompts``
+    (depth, K, D) instead; one with ``trains_backbone`` also trains every backbone weight as
+    ``backbone.<timm parameter name>``."""
+    from fedpers.models.prompted import backbone_depth
+
+    cls = get_strategy_class(cfg.strategy.name)
+    k = cfg.model.num_prompts
+    if getattr(cls, "deep_prompts", False):
+        shapes = {"deep_prompts": (backbone_depth(cfg.model.backbone), k, dim)}
+    else:
+        shapes = {"prompts": (k, dim)}
+    shapes.update({"head.weight": (num_classes, dim), "head.bias": (num_classes,)})
+    if getattr(cls, "trains_backbone", False):
+        shapes.update({k: tuple(v.shape) for k, v in backbone_tensors(cfg).items()})
+    return shapes
+
+
+def backbone_tensors(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
+    """The pretrained backbone's weights named as client tensors (read-only views; copy before use)."""
+    model = backbone_from_config(cfg.model)
+    return {BACKBONE + k: v.detach() for k, v in model.vit.named_parameters()}
 
 
 @dataclass
@@ -61,18 +81,24 @@ class ClientContext:
         return client_tensor_shapes(self.cfg, self.num_classes, self.model.embed_dim)
 
 
-def make_context(cfg: ExperimentConfig, partition_id: int, server_round: int) -> ClientContext:
-    fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
-    if not 0 <= partition_id < len(fed.clients):
-        raise ValueError(f"partition-id {partition_id} outside [0, {len(fed.clients)})")
+def make_context(cfg: ExperimentConfig, partition_id: int, server_round: int,
+                 data: ClientData | None = None) -> ClientContext:
+    """``data``: the device's own data (deployment); None = this partition of the simulated federation."""
+    if data is None:
+        fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
+        if not 0 <= partition_id < len(fed.clients):
+            raise ValueError(f"partition-id {partition_id} outside [0, {len(fed.clients)})")
+        data = fed.clients[partition_id]
     model = backbone_from_config(cfg.model)
-    return ClientContext(cfg, partition_id, server_round, fed.clients[partition_id], model, fed.num_classes)
+    return ClientContext(cfg, partition_id, server_round, data, model, get_dataset_info(cfg.data.dataset).num_classes)
 
 
 def initial_tensor(ctx: ClientContext, name: str) -> torch.Tensor:
     """Seeded by (seed, partition-id) only, so a client starts from the same point in every round."""
     shape = ctx.shapes[name]
-    if name == "prompts":
+    if name.startswith(BACKBONE):
+        return backbone_tensors(ctx.cfg)[name].clone()
+    if name in ("prompts", "deep_prompts"):
         g = torch.Generator().manual_seed(seed_for(ctx.cfg.run.seed, ctx.partition_id, 0x9A))
         return torch.randn(*shape, generator=g) * ctx.cfg.model.prompt_init_std
     return torch.zeros(*shape)  # a zero head starts every client from the same, unbiased point
@@ -91,19 +117,39 @@ def start_tensors(ctx: ClientContext, received: dict[str, np.ndarray],
     return out
 
 
-def backbone_features(ctx: ClientContext, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    return ctx.model.features(tokens, tensors["prompts"])
+def client_prompts(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return tensors["deep_prompts"] if "deep_prompts" in tensors else tensors["prompts"]
+
+
+def _weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"vit." + k[len(BACKBONE):]: v for k, v in tensors.items() if k.startswith(BACKBONE)}
 
 
 def head_logits(feats: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.linear(feats, tensors["head.weight"], tensors["head.bias"])
 
 
-def logits(ctx: ClientContext, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    return head_logits(backbone_features(ctx, tokens, tensors), tensors)
+def logits(ctx: ClientContext, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Prepared images (``model.prepare``) -> class logits under the client tensors ``tensors``."""
+    weights = _weights(tensors)
+    if weights:  # the backbone itself is trained: run it with these weights in place of the frozen ones
+        feats = torch.func.functional_call(ctx.model, weights, (x, client_prompts(tensors)), {"prepared": True})
+    else:
+        feats = ctx.model.features(ctx.model.embed(x), client_prompts(tensors))
+    return head_logits(feats, tensors)
 
 
-def backbone_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def token_logits(ctx: ClientContext, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Embedded tokens (``model.embed``) -> logits; only while the backbone's weights are frozen."""
+    return head_logits(ctx.model.features(tokens, client_prompts(tensors)), tensors)
+
+
+def cacheable(tensors: dict[str, torch.Tensor]) -> bool:
+    """Frozen computation may be cached only while no backbone weight is a client tensor (fedavg_full)."""
+    return not _weights(tensors)
+
+
+def non_head_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The client tensors the backbone reads (everything but the head)."""
     return {k: v for k, v in tensors.items() if not k.startswith("head.")}
 
@@ -120,8 +166,8 @@ def batch_tokens(ctx: ClientContext, x: torch.Tensor) -> Callable[[torch.Tensor]
 def frozen_features(ctx: ClientContext, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """Features of every row of ``x`` under the current backbone tensors, from the process cache
     (None when run.cache is off). Only valid while those tensors are not being trained."""
-    return cache.frozen_features(ctx.cfg.run, ctx.model, x, backbone_tensors(tensors),
-                                 lambda t: backbone_features(ctx, t, tensors))
+    return cache.frozen_features(ctx.cfg.run, ctx.model, x, non_head_tensors(tensors),
+                                 lambda t: ctx.model.features(t, client_prompts(tensors)))
 
 
 def fit(
@@ -131,10 +177,12 @@ def fit(
     epochs: int,
     extra_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
     salt: int = 0,
+    view: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> list[float]:
     """SGD on ``trainable`` tensors (in place) for ``epochs`` passes; returns per-step losses.
 
-    ``extra_loss`` adds a term to every step's loss (e.g. a proximal term)."""
+    ``extra_loss`` adds a term to every step's loss (e.g. a proximal term). ``view`` maps ``tensors``
+    to the client tensors the model runs with (e.g. APFL's mixture of personal and global tensors)."""
     c = ctx.cfg.client
     names = [n for n in trainable]
     for n in names:
@@ -142,9 +190,11 @@ def fit(
     opt = torch.optim.SGD([tensors[n] for n in names], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
     g = ctx.generator(*((salt,) if salt else ()))
     data = ctx.data
-    tokens = batch_tokens(ctx, data.x_train)
+    frozen = cacheable(tensors)
+    tokens = batch_tokens(ctx, data.x_train) if frozen else None
+    x_train = None if frozen else ctx.model.prepare(data.x_train)
     # Head-only training: the backbone's output is fixed, so compute it once (exact; see fedpers.cache).
-    head_only = not any(k in names for k in backbone_tensors(tensors))
+    head_only = frozen and view is None and not any(k in names for k in non_head_tensors(tensors))
     feats = frozen_features(ctx, data.x_train, tensors) if head_only else None
     n = data.num_train
     losses = []
@@ -152,7 +202,13 @@ def fit(
         order = torch.randperm(n, generator=g)
         for i in range(0, n, c.batch_size):
             idx = order[i : i + c.batch_size]
-            out = head_logits(feats[idx], tensors) if feats is not None else logits(ctx, tokens(idx), tensors)
+            used = view(tensors) if view is not None else tensors
+            if feats is not None:
+                out = head_logits(feats[idx], used)
+            elif tokens is not None:
+                out = token_logits(ctx, tokens(idx), used)
+            else:
+                out = logits(ctx, x_train[idx], used)
             loss = F.cross_entropy(out, data.y_train[idx])
             if extra_loss is not None:
                 loss = loss + extra_loss(tensors)
@@ -168,10 +224,13 @@ def fit(
 @torch.no_grad()
 def evaluate(ctx: ClientContext, tensors: dict[str, torch.Tensor]) -> tuple[float, float]:
     """(loss, accuracy) of the client's model on its own test split."""
-    feats = frozen_features(ctx, ctx.data.x_test, tensors)
-    if feats is None:
-        feats = backbone_features(ctx, ctx.model.embed(ctx.model.prepare(ctx.data.x_test)), tensors)
-    out = head_logits(feats, tensors)
+    if not cacheable(tensors):
+        out = logits(ctx, ctx.model.prepare(ctx.data.x_test), tensors)
+    else:
+        feats = frozen_features(ctx, ctx.data.x_test, tensors)
+        if feats is None:
+            feats = ctx.model.features(ctx.model.embed(ctx.model.prepare(ctx.data.x_test)), client_prompts(tensors))
+        out = head_logits(feats, tensors)
     loss = float(F.cross_entropy(out, ctx.data.y_test))
     acc = float((out.argmax(1) == ctx.data.y_test).float().mean())
     return loss, acc
@@ -214,7 +273,11 @@ def client_round(
     server_round: int,
     received: dict[str, np.ndarray],
     state: dict[str, np.ndarray],
+    data: ClientData | None = None,
 ) -> tuple[Reply, dict[str, np.ndarray]]:
+    """``data``: the device's own data (deployment); None = this partition of the simulated federation."""
     strategy_cls = get_strategy_class(cfg.strategy.name)
-    ctx = make_context(cfg, partition_id, server_round)
-    return strategy_cls.client_update(ctx, received, state)
+    ctx = make_context(cfg, partition_id, server_round, data)
+    reply, state = strategy_cls.client_update(ctx, received, state)
+    reply.arrays = privatize_reply(cfg, reply.arrays, server_round, partition_id)  # identity unless dp.clip_norm > 0
+    return reply, state

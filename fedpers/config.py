@@ -16,7 +16,11 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-PARTITIONERS = ("iid", "dirichlet", "pathological")
+# Every flwr-datasets label/quantity partitioner that applies to a labelled dataset (registry:
+# fedpers.data.schemes); the vertical and continuous ones do not split a labelled image set.
+PARTITIONERS = ("iid", "dirichlet", "pathological", "shard", "inner_dirichlet", "size", "linear", "square",
+                "exponential", "natural_id")
+SHIFTS = ("none", "domain", "concept")
 ENGINES = ("flower", "fast", "inprocess")
 DEVICES = ("cpu", "cuda", "cuda:N")
 
@@ -42,6 +46,10 @@ class RunConfig:
     max_upload_mb: float = 64.0  # replies whose arrays exceed this are rejected
     progress: bool = True  # show a progress bar over rounds
     num_cpus_per_client: float = 1.0  # Flower engine: CPU share of each simulated client
+    checkpoint_every: int = 1  # save server state to <output_dir>/checkpoint.pt every k rounds (0 = never)
+    resume: bool = False  # continue from <output_dir>/checkpoint.pt (run.rounds may grow; other fields must match)
+    holdout_clients: float = 0.0  # unseen clients, never trained, personalized after training: a fraction in (0, 1) or a whole count >= 1 (0 = none)
+    unseen_rounds: int = 3  # exchanges in which each held-out client adapts to the frozen trained server state
     cache: bool = True  # exact per-process caches of frozen computation (patch embeddings, frozen features)
     cache_mb: float = 1024.0  # memory budget of those caches per process; clients past it are recomputed
     batch_clients: bool = False  # fast engine: train a round's clients together in mixed batches
@@ -51,12 +59,27 @@ class RunConfig:
 
 @dataclass
 class PartitionerConfig:
-    name: str = "dirichlet"  # iid | dirichlet | pathological
-    alpha: float = 0.1  # dirichlet concentration (smaller = more label skew)
+    name: str = "dirichlet"  # iid | dirichlet | pathological | shard | inner_dirichlet | size | linear | square | exponential | natural_id
+    alpha: float = 0.1  # dirichlet, inner_dirichlet: concentration (smaller = more label skew)
     min_partition_size: int = 10  # dirichlet: resample until every client has this many samples
     self_balancing: bool = False  # dirichlet: stop adding to clients above the average size
     num_classes_per_partition: int = 2  # pathological: classes per client
     class_assignment_mode: str = "first-deterministic"  # pathological: first-deterministic | random | deterministic
+    num_shards_per_partition: Optional[int] = 2  # shard: shards (label-sorted slices) per client; None = from shard_size
+    shard_size: Optional[int] = None  # shard: samples per shard; None = as large as the shard count allows
+    keep_incomplete_shard: bool = False  # shard: also hand out the last, smaller shard
+    partition_sizes: Optional[list[int]] = None  # size, inner_dirichlet: samples per client (run.num_clients values); None = equal split
+    id_column: str = "client_id"  # natural_id: dataset column naming each sample's client or domain (one client per value)
+
+
+@dataclass
+class ShiftConfig:
+    name: str = "none"  # none | domain (per-client image transforms) | concept (per-client label maps)
+    num_groups: int = 0  # clients sharing one domain/concept: client i is in group i % num_groups; 0 = one per client
+    transforms: list[str] = field(default_factory=lambda: ["rotate", "contrast", "blur", "noise", "invert"])  # domain: composed per group, from rotate|contrast|color|blur|noise|invert
+    strength: float = 1.0  # domain: scales every transform's magnitude (0 = no change)
+    concept_mode: str = "permute"  # concept: permute (random relabelling; invisible to private zero-init heads) | group (classes merged into num_label_groups labels)
+    num_label_groups: int = 2  # concept_mode=group: how many labels each group's classes collapse into
 
 
 @dataclass
@@ -64,8 +87,11 @@ class DataConfig:
     dataset: str = "digits"  # registered dataset name (see fedpers.data.list_datasets())
     path: Optional[str] = None  # local copy of a hub dataset (a Dataset.save_to_disk folder); None = download
     partitioner: PartitionerConfig = field(default_factory=PartitionerConfig)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)
     test_fraction: float = 0.2  # share of each client's partition held out as its personal test split
-    min_test_size: int = 1  # a client whose test split is smaller than this is an error
+    min_test_size: int = 1  # a client whose test split is smaller than this is too small
+    min_client_size: int = 2  # a client with fewer samples (train + test) is too small
+    small_client_policy: str = "error"  # too-small clients: error (fail with a message) | rebalance (move samples from the largest clients)
 
 
 @dataclass
@@ -88,11 +114,20 @@ class ClientConfig:
 
 
 @dataclass
+class DPConfig:
+    clip_norm: float = 0.0  # L2 bound on each client's delta (all tensors jointly); 0 = DP off
+    noise_multiplier: float = 0.0  # Gaussian noise std = noise_multiplier * clip_norm, added on the client
+    delta: float = 1e-5  # the delta of the reported (epsilon, delta) guarantee
+    seeded_noise: bool = False  # derive noise from run.seed for reproducible simulations (no privacy: whoever knows the seed can remove it)
+
+
+@dataclass
 class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
     # Validated against the strategy's own dataclass (strategies.get_config_cls(name)).
     strategy: Any = field(default_factory=lambda: {"name": "pfedpg"})
 
@@ -161,6 +196,16 @@ def from_layers(layers: list[Any]) -> ExperimentConfig:
     return cfg
 
 
+def holdout_count(r: RunConfig) -> int:
+    """How many clients ``run.holdout_clients`` holds out (a fraction rounds, to at least one client)."""
+    h = r.holdout_clients
+    if h <= 0:
+        return 0
+    if h < 1:
+        return max(1, int(round(h * r.num_clients)))
+    return int(h)
+
+
 def _require(ok: bool, field_name: str, message: str) -> None:
     if not ok:
         raise ConfigError(field_name, message)
@@ -173,10 +218,18 @@ def validate(cfg: ExperimentConfig) -> None:
     r, d, m, c = cfg.run, cfg.data, cfg.model, cfg.client
     _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
     _require(r.num_clients >= 1, "run.num_clients", f"must be >= 1, got {r.num_clients}")
+    h = r.holdout_clients
+    _require(h >= 0 and (h < 1 or float(h).is_integer()), "run.holdout_clients",
+             f"must be 0, a fraction in (0, 1) or a whole count >= 1, got {h}")
+    n_train = r.num_clients - holdout_count(r)
+    _require(n_train >= 1, "run.holdout_clients",
+             f"holds out {holdout_count(r)} of run.num_clients={r.num_clients}: no client left to train")
+    _require(r.unseen_rounds >= 1, "run.unseen_rounds", f"must be >= 1, got {r.unseen_rounds}")
     _require(
-        1 <= r.clients_per_round <= r.num_clients,
+        1 <= r.clients_per_round <= n_train,
         "run.clients_per_round",
-        f"must be in [1, run.num_clients={r.num_clients}], got {r.clients_per_round}",
+        f"must be in [1, {n_train}] (run.num_clients={r.num_clients} minus "
+        f"{holdout_count(r)} held out), got {r.clients_per_round}",
     )
     _require(
         1 <= r.min_replies <= r.clients_per_round,
@@ -188,6 +241,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(r.max_upload_mb > 0, "run.max_upload_mb", f"must be > 0, got {r.max_upload_mb}")
     _require(r.num_cpus_per_client > 0, "run.num_cpus_per_client", f"must be > 0, got {r.num_cpus_per_client}")
     _require(bool(r.output_dir), "run.output_dir", "must not be empty")
+    _require(r.checkpoint_every >= 0, "run.checkpoint_every", f"must be >= 0 (0 = never), got {r.checkpoint_every}")
     _require(r.cache_mb >= 0, "run.cache_mb", f"must be >= 0, got {r.cache_mb}")
     _require(r.batch_max_samples >= 1, "run.batch_max_samples", f"must be >= 1, got {r.batch_max_samples}")
     _require(not r.batch_clients or r.engine != "flower", "run.batch_clients",
@@ -201,27 +255,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(d.dataset in datasets, "data.dataset", f"unknown dataset {d.dataset!r}; allowed: {', '.join(datasets)}")
     if d.path is not None:
         _require(Path(d.path).is_dir(), "data.path", f"not a directory: {d.path}")
-    p = d.partitioner
-    _require(
-        p.name in PARTITIONERS,
-        "data.partitioner.name",
-        f"unknown partitioner {p.name!r}; allowed: {', '.join(PARTITIONERS)}",
-    )
-    _require(p.alpha > 0, "data.partitioner.alpha", f"must be > 0, got {p.alpha}")
-    _require(p.min_partition_size >= 0, "data.partitioner.min_partition_size", f"must be >= 0, got {p.min_partition_size}")
-    _require(
-        p.num_classes_per_partition >= 1,
-        "data.partitioner.num_classes_per_partition",
-        f"must be >= 1, got {p.num_classes_per_partition}",
-    )
-    modes = ("first-deterministic", "random", "deterministic")
-    _require(
-        p.class_assignment_mode in modes,
-        "data.partitioner.class_assignment_mode",
-        f"unknown mode {p.class_assignment_mode!r}; allowed: {', '.join(modes)}",
-    )
-    _require(0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}")
-    _require(d.min_test_size >= 1, "data.min_test_size", f"must be >= 1, got {d.min_test_size}")
+    from fedpers.data.schemes import validate_data
+
+    validate_data(cfg)
 
     _require(bool(m.backbone), "model.backbone", "must name a timm ViT")
     _require(m.num_prompts >= 1, "model.num_prompts", f"must be >= 1, got {m.num_prompts}")
@@ -235,6 +271,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(0 <= c.momentum < 1, "client.momentum", f"must be in [0, 1), got {c.momentum}")
     _require(c.weight_decay >= 0, "client.weight_decay", f"must be >= 0, got {c.weight_decay}")
     _require(c.batch_size >= 1, "client.batch_size", f"must be >= 1, got {c.batch_size}")
+    dp = cfg.dp
+    _require(dp.clip_norm >= 0, "dp.clip_norm", f"must be >= 0 (0 = DP off), got {dp.clip_norm}")
+    _require(dp.noise_multiplier >= 0, "dp.noise_multiplier", f"must be >= 0, got {dp.noise_multiplier}")
+    _require(dp.noise_multiplier == 0 or dp.clip_norm > 0, "dp.noise_multiplier",
+             "noise needs a clipping bound: set dp.clip_norm > 0")
+    _require(0 < dp.delta < 1, "dp.delta", f"must be in (0, 1), got {dp.delta}")
     validate_strategy = getattr(cfg.strategy, "validate", None)
     if validate_strategy is not None:
         validate_strategy()
@@ -252,41 +294,71 @@ def from_yaml(text: str) -> ExperimentConfig:
     return from_layers([OmegaConf.create(text)])
 
 
-def describe_fields() -> str:
-    """Every field with its type, default and comment, for --help / --show-config."""
+def field_rows() -> list[tuple[str, str, str, str]]:
+    """(section, key, type, default, meaning) for every config field; strategy fields per strategy."""
     import inspect
 
     from strategies import get_strategy_class, list_strategies
 
-    lines: list[str] = []
+    rows: list[tuple[str, str, str, str, str]] = []
 
-    def walk(cls: type, prefix: str) -> None:
-        src = inspect.getsource(cls).splitlines()
+    def walk(cls: type, prefix: str, section: str) -> None:
         comments = {}
-        for line in src:
-            s = line.strip()
-            if ":" in s and "#" in s and not s.startswith("#"):
-                comments[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
+        # Base classes first, so a subclass's own comment wins; inherited fields keep their base's comment.
+        for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+            for line in inspect.getsource(klass).splitlines():
+                s = line.strip()
+                if ":" in s and "#" in s and not s.startswith("#"):
+                    comments[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
         for f in dataclasses.fields(cls):
             key = f"{prefix}{f.name}"
-            if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config") and f.name != "strategy"):
-                sub = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                if dataclasses.is_dataclass(sub):
-                    walk(type(sub), key + ".")
-                    continue
             if f.name == "strategy" and prefix == "":
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(default):
+                walk(type(default), key + ".", section)
+                continue
             typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            lines.append(f"  {key:<42} {typ:<15} default={default!r:<22} {comments.get(f.name, '')}")
+            rows.append((section, key, typ, repr(default), comments.get(f.name, "")))
 
-    walk(ExperimentConfig, "")
+    walk(ExperimentConfig, "", "")
     names = list_strategies()
-    lines.append(f"  {'strategy.name':<42} {'str':<15} default={'pfedpg'!r:<22} one of: {', '.join(names)}")
+    rows.append(("", "strategy.name", "str", repr("pfedpg"), "one of: " + ", ".join(names)))
     for name in names:
         cls = get_strategy_class(name)
-        lines.append(f"  -- strategy.name={name}: {cls.summary}")
-        n = len(lines)
-        walk(cls.config_cls, "strategy.")
-        lines[n:] = [line for line in lines[n:] if not line.lstrip().startswith("strategy.name ")]
+        n = len(rows)
+        walk(cls.config_cls, "strategy.", f"strategy.name={name}: {cls.summary}")
+        rows[n:] = [r for r in rows[n:] if r[1] != "strategy.name"]
+    return rows
+
+
+def describe_fields() -> str:
+    """Every field with its type, default and comment, for --help / --show-config."""
+    lines: list[str] = []
+    section = ""
+    for sec, key, typ, default, meaning in field_rows():
+        if sec != section:
+            section = sec
+            lines.append(f"  -- {sec}")
+        lines.append(f"  {key:<42} {typ:<15} default={default:<22} {meaning}")
     return "\n".join(lines)
+
+
+def fields_markdown() -> str:
+    """The config reference as markdown (docs/config.md is generated from this)."""
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated by `python -m fedpers.docs` from the config dataclasses; do not edit by hand.",
+        "Set any field in a YAML file (`--config`) or on the command line as `key=value`.",
+        "",
+    ]
+    section = None
+    for sec, key, typ, default, meaning in field_rows():
+        if sec != section:
+            section = sec
+            title = "Run, data, model and client fields" if not sec else f"`{sec.split(':')[0]}`: {sec.split(': ', 1)[1]}"
+            out += ["", f"## {title}", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+        meaning = meaning.replace("|", "\\|")
+        out.append(f"| `{key}` | {typ} | `{default}` | {meaning} |")
+    return "\n".join(out) + "\n"

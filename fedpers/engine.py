@@ -16,7 +16,7 @@ import logging
 
 import numpy as np
 
-from fedpers.client import client_round, make_context
+from fedpers.client import client_round, make_context, privatize_reply
 from fedpers.config import ExperimentConfig
 from fedpers.payload import Failure, Reply
 from strategies import get_strategy_class
@@ -71,6 +71,15 @@ class InProcessTransport:
                 out.update({p: self._one(server_round, p, payloads[p]) for p in g_pids})
                 continue
             for p, (reply, state) in zip(g_pids, results):
+                # As client_round does after every client update (identity unless dp.clip_norm > 0).
+                reply.arrays = privatize_reply(self.cfg, reply.arrays, server_round, p)
                 self.states[p] = state
                 out[p] = reply
         return out
+
+    def state_dict(self) -> dict[int, dict[str, np.ndarray]]:
+        """Every client's personal state (heads, personal prompts), for checkpoints."""
+        return {pid: {k: np.array(v, copy=True) for k, v in s.items()} for pid, s in self.states.items()}
+
+    def load_state_dict(self, states: dict[int, dict[str, np.ndarray]]) -> None:
+        self.states = {int(pid): {k: np.array(v, copy=True) for k, v in s.items()} for pid, s in states.items()}

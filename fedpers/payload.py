@@ -26,11 +26,33 @@ class Reply:
 
 @dataclass
 class Failure:
-    """A sampled client that produced no usable reply. ``kind``: error | timeout | missing | invalid."""
+    """A sampled client that produced no usable reply. ``kind``: error | timeout | missing | invalid.
+
+    ``code`` says why an ``invalid`` reply was rejected (one of :data:`REJECTION_CODES`), so tests and
+    ledgers can match on a stable word instead of the human-readable ``reason``.
+    """
 
     partition_id: int
     kind: str
     reason: str
+    code: str = ""
+
+
+# Timed-out and silent clients are one ledger column: from the server's side both never answered in time.
+TIMED_OUT_KINDS = ("timeout", "missing")
+REJECTION_CODES = ("keys", "type", "dtype", "shape", "nonfinite", "num_examples", "size", "metrics", "partition")
+
+
+class Rejection(str):
+    """The reason a reply was rejected (a str, for messages) with its category in ``code``."""
+
+    code: str
+
+    def __new__(cls, code: str, text: str) -> Rejection:
+        assert code in REJECTION_CODES, code
+        obj = super().__new__(cls, text)
+        obj.code = code
+        return obj
 
 
 def serialized_nbytes(arrays: dict[str, np.ndarray]) -> int:
@@ -43,32 +65,34 @@ def serialized_nbytes(arrays: dict[str, np.ndarray]) -> int:
     return total
 
 
-def validate_reply(reply: Reply, spec: dict[str, tuple[int, ...]], max_bytes: int) -> str | None:
+def validate_reply(reply: Reply, spec: dict[str, tuple[int, ...]], max_bytes: int) -> Rejection | None:
     """Return None if ``reply`` is acceptable, else the reason it is rejected."""
     keys = set(reply.arrays)
     if keys != set(spec):
         missing, extra = sorted(set(spec) - keys), sorted(keys - set(spec))
-        return f"keys: missing {missing}, unexpected {extra}"
-    for name, shape in spec.items():
-        a = reply.arrays[name]
-        if not isinstance(a, np.ndarray):
-            return f"{name}: not an array ({type(a).__name__})"
-        if a.dtype != DTYPE:
-            return f"{name}: dtype {a.dtype}, expected {np.dtype(DTYPE)}"
-        if tuple(a.shape) != tuple(shape):
-            return f"{name}: shape {tuple(a.shape)}, expected {tuple(shape)}"
-        if not np.isfinite(a).all():
-            return f"{name}: contains NaN or Inf"
-    n = reply.num_examples
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 < n <= MAX_NUM_EXAMPLES:
-        return f"num_examples: {n!r} is not an integer in [1, {MAX_NUM_EXAMPLES}]"
+        return Rejection("keys", f"keys: missing {missing}, unexpected {extra}")
+    for name in spec:
+        if not isinstance(reply.arrays[name], np.ndarray):
+            return Rejection("type", f"{name}: not an array ({type(reply.arrays[name]).__name__})")
+    # Size before content: an oversize payload is refused as such, whatever else is wrong with it.
     size = serialized_nbytes(reply.arrays)
     if size > max_bytes:
-        return f"size: {size} bytes exceeds run.max_upload_mb ({max_bytes} bytes)"
+        return Rejection("size", f"size: {size} bytes exceeds run.max_upload_mb ({max_bytes} bytes)")
+    for name, shape in spec.items():
+        a = reply.arrays[name]
+        if a.dtype != DTYPE:
+            return Rejection("dtype", f"{name}: dtype {a.dtype}, expected {np.dtype(DTYPE)}")
+        if tuple(a.shape) != tuple(shape):
+            return Rejection("shape", f"{name}: shape {tuple(a.shape)}, expected {tuple(shape)}")
+        if not np.isfinite(a).all():
+            return Rejection("nonfinite", f"{name}: contains NaN or Inf")
+    n = reply.num_examples
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 < n <= MAX_NUM_EXAMPLES:
+        return Rejection("num_examples", f"num_examples: {n!r} is not an integer in [1, {MAX_NUM_EXAMPLES}]")
     for key in METRIC_KEYS:
         v = reply.metrics.get(key)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            return f"metrics.{key}: {v!r} is not a finite number"
+            return Rejection("metrics", f"metrics.{key}: {v!r} is not a finite number")
     if not 0.0 <= reply.metrics["test_accuracy"] <= 1.0:
-        return f"metrics.test_accuracy: {reply.metrics['test_accuracy']} outside [0, 1]"
+        return Rejection("metrics", f"metrics.test_accuracy: {reply.metrics['test_accuracy']} outside [0, 1]")
     return None

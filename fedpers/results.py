@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from fedpers.config import ExperimentConfig, to_yaml
-from fedpers.payload import Failure, Reply, serialized_nbytes
+from fedpers.payload import TIMED_OUT_KINDS, Failure, Reply, serialized_nbytes
 
 
 def worst_fraction_mean(values: list[float], fraction: float = 0.1) -> float:
@@ -40,31 +40,44 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 class Ledger:
-    def __init__(self, cfg: ExperimentConfig, strategy):
+    def __init__(self, cfg: ExperimentConfig, strategy, resume: dict | None = None):
+        """``resume``: a :meth:`state_dict` from a checkpoint; its rows replace metrics.jsonl, so rows
+        written after that checkpoint by the interrupted run are dropped, not duplicated."""
         self.cfg = cfg
         self.strategy_name = cfg.strategy.name
         self.out = Path(cfg.run.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.metrics_path = self.out / "metrics.jsonl"
-        self.metrics_path.write_text("")
-        self.rows: list[dict] = []
-        self.last_acc: dict[int, float] = {}
+        self.rows: list[dict] = [dict(r) for r in (resume or {}).get("rows", [])]
+        self.last_acc: dict[int, float] = {int(k): v for k, v in (resume or {}).get("last_acc", {}).items()}
+        self.metrics_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+        self.unseen: dict | None = None
         self.params_down = sum(int(np.prod(s)) for k, s in strategy.shapes.items() if k in strategy.sends)
         self.params_up = sum(int(np.prod(s)) for s in strategy.reply_spec().values())
-        self.t0 = time.perf_counter()
+        # Wall time keeps counting across a resume.
+        self.t0 = time.perf_counter() - (self.rows[-1]["wall_time_s"] if self.rows else 0.0)
+
+    def state_dict(self) -> dict:
+        return {"rows": [dict(r) for r in self.rows], "last_acc": {str(k): v for k, v in self.last_acc.items()}}
 
     def record_round(self, server_round: int, *, sampled: list[int], ok: list[Reply], failed: list[Failure],
                      applied: bool, bytes_down: dict[int, int], server_metrics: dict, seconds: float) -> dict:
         acc = {u.partition_id: float(u.metrics["test_accuracy"]) for u in ok}
         self.last_acc.update(acc)
         up = [serialized_nbytes(u.arrays) for u in ok]
+        timed_out = [f for f in failed if f.kind in TIMED_OUT_KINDS]
+        if len(ok) + len(failed) != len(sampled):
+            raise AssertionError(f"round {server_round}: {len(ok)} ok + {len(failed)} failed != {len(sampled)} sampled")
         row = {
             "round": server_round,
             "sampled": sampled,
             "num_ok": len(ok),
-            "num_failed": len(failed),
-            "failures": [{"partition_id": f.partition_id, "kind": f.kind, "reason": f.reason} for f in failed],
+            # sampled = num_ok + num_failed + num_timed_out: failed = raised or rejected, timed out = no answer
+            "num_failed": len(failed) - len(timed_out),
+            "num_timed_out": len(timed_out),
+            "failures": [{"partition_id": f.partition_id, "kind": f.kind, "code": f.code, "reason": f.reason}
+                         for f in failed],
             "applied": applied,
             "clients": {
                 str(u.partition_id): {
@@ -89,8 +102,18 @@ class Ledger:
             f.write(json.dumps(row, sort_keys=True) + "\n")
         return row
 
-    def finish(self) -> dict:
+    def record_unseen(self, result: dict) -> None:
+        """Held-out clients' accuracies after personalizing from the trained server state."""
+        self.unseen = result
+
+    def finish(self, extra: dict | None = None) -> dict:
+        """Write summary.json (plus ``extra`` entries, e.g. the privacy report), rounds.csv and plots."""
         final = _stats(self.last_acc)
+        unseen_acc = self.unseen["per_client"] if self.unseen else {}
+        u = _stats(unseen_acc)
+        # None (JSON null) when no client was held out, so "not measured" is never mistaken for a value.
+        final["unseen_accuracy_mean"] = u["accuracy_mean"] if unseen_acc else None
+        final["unseen_accuracy_worst10"] = u["accuracy_worst10"] if unseen_acc else None
         summary = {
             "strategy": self.strategy_name,
             "rounds": len(self.rows),
@@ -106,8 +129,16 @@ class Ledger:
                 "total_down": int(sum(r["bytes_down"] for r in self.rows)),
             },
             "params": {"down_per_client_round": self.params_down, "up_per_client_round": self.params_up},
-            "failures": int(sum(r["num_failed"] for r in self.rows)),
+            "unseen": None if self.unseen is None else {
+                "partition_ids": self.unseen["partition_ids"],
+                "per_client": {str(k): v for k, v in sorted(unseen_acc.items())},
+                "failures": self.unseen["failures"],
+            },
+            "failures": int(sum(r["num_failed"] + r["num_timed_out"] for r in self.rows)),
+            "timed_out": int(sum(r["num_timed_out"] for r in self.rows)),
+            "skipped_rounds": [r["round"] for r in self.rows if not r["applied"]],
             "wall_time_s": time.perf_counter() - self.t0,
+            **(extra or {}),
         }
         write_json_atomic(self.out / "summary.json", summary)
         self._write_csv()
@@ -116,7 +147,7 @@ class Ledger:
 
     def _write_csv(self) -> None:
         cols = ["round", "accuracy_mean", "accuracy_std", "accuracy_worst10", "num_ok", "num_failed",
-                "bytes_up", "bytes_down", "round_time_s"]
+                "num_timed_out", "applied", "bytes_up", "bytes_down", "round_time_s"]
         lines = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in self.rows]
         (self.out / "rounds.csv").write_text("\n".join(lines) + "\n")
 

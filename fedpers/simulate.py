@@ -43,10 +43,15 @@ def configure_logging(verbose: bool) -> None:
 
 def preflight(cfg: ExperimentConfig) -> None:
     """Build the data and load the backbone once here, so bad data or weights fail before any round."""
+    from pathlib import Path
+
     from fedpers.data import build_federated
+    from fedpers.data.stats import write_report
     from fedpers.models.prompted import backbone_from_config
 
     fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
+    # Every results folder says what the clients' data looked like (same files as `python -m fedpers.partitions`).
+    write_report(fed, Path(cfg.run.output_dir) / "partitions")
     sizes = [c.num_train for c in fed.clients]
     logging.getLogger("fedpers").info(
         "%s: %d clients, train sizes min %d / max %d", cfg.data.dataset, len(sizes), min(sizes), max(sizes)
@@ -77,15 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.show_config:
         print(to_yaml(cfg))
         return 0
+    from fedpers.checkpoint import CheckpointError
     from fedpers.data import DataError
     from fedpers.models.prompted import BackboneError
 
     t0 = time.perf_counter()
     try:
         summary = run(cfg)
-    except (DataError, BackboneError) as e:
+    except (DataError, BackboneError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from fedpers.flower.apps import FlowerRunError
+
+        if not isinstance(e, FlowerRunError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     final = summary["final"]
     print(json.dumps({
         "strategy": summary["strategy"],

@@ -11,7 +11,21 @@ from strategies.base import (
     list_strategies,
     register_strategy,
 )
-from strategies import fedvpt, local, pfedpg  # noqa: E402,F401  (registration side effects)
+from strategies import (  # noqa: E402,F401  (registration side effects)
+    apfl,
+    ditto,
+    fedavg,
+    fedavg_ft,
+    fedavg_full,
+    fedper,
+    fedprox,
+    fedrep,
+    fedvpt,
+    fedvpt_deep,
+    local,
+    pfedhn,
+    pfedpg,
+)
 
 __all__ = [
     "HEAD",

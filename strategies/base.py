@@ -4,12 +4,14 @@ A strategy is server-side logic plus a declaration of which client tensors trave
 
 - ``sends``: client tensors the server produces for each sampled client (e.g. ``("prompts",)``). The
   client starts local training from them and replies with ``delta/<name>`` = trained - received.
-- ``personal``: client tensors that stay on the client across rounds and never appear in any message
-  (by default the linear head, ``head.weight`` and ``head.bias``). A tensor in neither list is
-  re-initialised every round.
+- ``personal``: tensors that stay on the client across rounds and never appear in any message
+  (by default the linear head, ``head.weight`` and ``head.bias``). A client tensor in neither list is
+  re-initialised every round. A strategy that keeps a private copy of a client tensor next to the
+  one it sends (Ditto, APFL) names it ``personal.<name>``.
 
 Client tensor names come from ``fedpers.client.client_tensor_shapes`` (``prompts``, ``head.weight``,
-``head.bias``); the server gets their shapes in ``shapes``. A strategy whose local objective differs
+``head.bias``; ``deep_prompts`` for ``deep_prompts = True``; ``backbone.*`` for
+``trains_backbone = True``); the server gets their shapes in ``shapes``. A strategy whose local objective differs
 from plain joint training overrides the ``client_update`` classmethod, built from the blocks in
 ``fedpers.client`` (``start_tensors``, ``fit``, ``evaluate``, ``finish``).
 
@@ -48,6 +50,8 @@ class Strategy(ABC):
     config_cls: ClassVar[type] = StrategyConfig
     sends: ClassVar[tuple[str, ...]] = ()
     personal: ClassVar[tuple[str, ...]] = HEAD
+    deep_prompts: ClassVar[bool] = False  # clients train (depth, K, D) ``deep_prompts`` instead of ``prompts``
+    trains_backbone: ClassVar[bool] = False  # backbone weights are client tensors (the server gets them at init)
 
     @classmethod
     def client_update(cls, ctx, received: dict[str, np.ndarray], state: dict[str, np.ndarray]):
@@ -76,6 +80,17 @@ class Strategy(ABC):
     @abstractmethod
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, float]:
         """Update server state from valid replies (sorted by partition id). Returns server metrics."""
+
+    # Unseen clients (``run.holdout_clients``): after training, each held-out client takes part in a few
+    # exchanges in which only its own state may change. The server state stays frozen, except that a
+    # strategy may fit per-client server parameters of the new clients (a generator's descriptors).
+    def configure_unseen(self, server_round: int, partition_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:
+        """Tensors for held-out clients; default: what a training client would get."""
+        return self.configure(server_round, partition_ids)
+
+    def adapt_unseen(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, float]:
+        """Use held-out clients' replies without touching the trained state; default: ignore them."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}

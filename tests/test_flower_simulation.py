@@ -40,3 +40,18 @@ def test_flower_and_inprocess_engines_agree(flower_run, tmp_path, engine):
     assert a.keys() == b.keys()
     for k in a:
         assert abs(a[k] - b[k]) <= 0.02, (k, a[k], b[k])
+
+
+def test_faulty_clients_in_the_flower_engine(tmp_path, monkeypatch):
+    """A client that raises and one that sends NaN, through real Flower messages: the round goes on."""
+    monkeypatch.setenv("FEDPERS_FAULTS", "1:raise,2:nan@2")
+    out = tmp_path / "faults"
+    overrides = tiny_overrides(out, **{"run.engine": "flower", "run.num_cpus_per_client": 2})
+    assert simulate.main(overrides) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["num_ok"], r["num_failed"], r["num_timed_out"], r["applied"]) for r in rows] == [
+        (2, 1, 0, True), (1, 2, 0, True)]
+    assert rows[0]["failures"][0]["partition_id"] == 1 and rows[0]["failures"][0]["kind"] == "error"
+    assert "InjectedFault" in rows[0]["failures"][0]["reason"]
+    assert {(f["partition_id"], f["kind"], f["code"]) for f in rows[1]["failures"]} == {
+        (1, "error", ""), (2, "invalid", "nonfinite")}

@@ -56,7 +56,7 @@ def _strategy():
 
 def test_bad_reply_never_touches_server_state():
     s = _strategy()
-    before = s.state_dict()["prompts"].copy()
+    before = s.state_dict()["global"]["prompts"].copy()
     raw = {
         0: good(partition_id=0, arrays={"delta/prompts": np.full((2, 4), np.nan, np.float32)}),
         1: good(partition_id=2),  # claims to be another client
@@ -64,7 +64,7 @@ def test_bad_reply_never_touches_server_state():
     ok, failed = collect(s, [0, 1, 2], raw, 1 << 20)
     assert ok == []
     assert [(f.partition_id, f.kind) for f in failed] == [(0, "invalid"), (1, "invalid"), (2, "missing")]
-    np.testing.assert_array_equal(s.state_dict()["prompts"], before)
+    np.testing.assert_array_equal(s.state_dict()["global"]["prompts"], before)
 
 
 def test_reply_order_does_not_change_the_update():
@@ -83,5 +83,5 @@ def test_reply_order_does_not_change_the_update():
 
         s.aggregate(1, [ClientUpdate(u.partition_id, {"prompts": u.arrays["delta/prompts"]}, u.num_examples, {})
                         for u in ok])
-        results.append(s.state_dict()["prompts"])
+        results.append(s.state_dict()["global"]["prompts"])
     np.testing.assert_array_equal(results[0], results[1])

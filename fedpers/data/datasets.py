@@ -118,7 +118,15 @@ def load_hub_image_dataset(path: str, split: str = "train", image_key: str = "im
             out.append(arr)
         return {"image": out, "label": batch[label_key]}
 
-    return ds.map(convert, batched=True, remove_columns=ds.column_names)
+    # Scalar columns such as a writer, client or domain id stay: the natural_id partitioner splits by them.
+    drop = [c for c in ds.column_names if c in (image_key, label_key) or not _is_scalar(ds.features[c])]
+    return ds.map(convert, batched=True, remove_columns=drop)
+
+
+def _is_scalar(feature) -> bool:
+    import datasets
+
+    return isinstance(feature, (datasets.Value, datasets.ClassLabel))
 
 
 @register_dataset(

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from fedpers.config import DataConfig, PartitionerConfig
 from fedpers.data.datasets import get_dataset_info
+
+log = logging.getLogger("fedpers")
+_ROW = "_fedpers_row"
 
 
 class DataError(ValueError):
@@ -39,6 +43,8 @@ class FederatedData:
     num_classes: int
     image_shape: tuple[int, int, int]
     clients: list[ClientData]
+    # per client: its shift group and domain params or label map, samples moved in by rebalancing
+    shift_info: list[dict] = field(default_factory=list)
 
     def label_counts(self) -> np.ndarray:
         """(num_clients, num_classes) label histogram over each client's train+test data."""
@@ -49,31 +55,16 @@ class FederatedData:
         return out
 
 
-def make_partitioner(p: PartitionerConfig, num_partitions: int, seed: int):
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+def make_partitioner(p: PartitionerConfig, num_partitions: int, seed: int, num_samples: int):
+    """The flwr-datasets partitioner for ``data.partitioner`` (see :mod:`fedpers.data.schemes`)."""
+    from fedpers.data.schemes import get_scheme
 
-    if p.name == "iid":
-        return IidPartitioner(num_partitions=num_partitions)
-    if p.name == "dirichlet":
-        return DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=p.alpha,
-            min_partition_size=p.min_partition_size,
-            self_balancing=p.self_balancing,
-            shuffle=True,
-            seed=seed,
-        )
-    if p.name == "pathological":
-        return PathologicalPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            num_classes_per_partition=p.num_classes_per_partition,
-            class_assignment_mode=p.class_assignment_mode,
-            shuffle=True,
-            seed=seed,
-        )
-    raise DataError(f"data.partitioner.name: unknown partitioner {p.name!r}")
+    try:
+        return get_scheme(p.name).build(p, num_partitions, seed, num_samples)
+    except KeyError as e:
+        raise DataError(f"data.partitioner.name: {e.args[0]}") from None
+    except (ValueError, TypeError) as e:
+        raise DataError(f"data.partitioner ({p.name}): {e}") from e
 
 
 def build_federated(data: DataConfig, num_clients: int, seed: int) -> FederatedData:
@@ -81,47 +72,107 @@ def build_federated(data: DataConfig, num_clients: int, seed: int) -> FederatedD
     return _build_cached(json.dumps(asdict(data), sort_keys=True), num_clients, seed)
 
 
+def _data_from_json(data_json: str) -> DataConfig:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), json.loads(data_json)))
+
+
 @functools.lru_cache(maxsize=4)
 def _build_cached(data_json: str, num_clients: int, seed: int) -> FederatedData:
-    data = DataConfig(**{**json.loads(data_json)})
-    data.partitioner = PartitionerConfig(**json.loads(data_json)["partitioner"])
+    from datasets import Dataset
+
+    data = _data_from_json(data_json)
     info = get_dataset_info(data.dataset)
     try:
         ds = info.loader(data.path)
     except Exception as e:  # hub/network/file errors all mean the same thing to the user
         hint = "" if data.path else " (no internet? save the dataset with Dataset.save_to_disk and set data.path)"
         raise DataError(f"data.dataset={data.dataset!r}: could not load{hint}: {type(e).__name__}: {e}") from e
-    if data.partitioner.num_classes_per_partition > info.num_classes and data.partitioner.name == "pathological":
-        raise DataError(
-            f"data.partitioner.num_classes_per_partition={data.partitioner.num_classes_per_partition} exceeds "
-            f"the {info.num_classes} classes of dataset {data.dataset!r}"
-        )
-    # IidPartitioner shards contiguously; shuffle first so it is a seeded random split.
+    p = data.partitioner
+    if p.name == "natural_id" and p.id_column not in ds.column_names:
+        raise DataError(f"data.partitioner.id_column={p.id_column!r}: dataset {data.dataset!r} has no such column "
+                        f"(columns: {', '.join(ds.column_names)})")
+    # IidPartitioner and the size-based schemes cut contiguously; shuffle first so they are seeded random splits.
     ds = ds.shuffle(seed=seed)
-    partitioner = make_partitioner(data.partitioner, num_clients, seed)
-    partitioner.dataset = ds
-    clients = []
-    for pid in range(num_clients):
-        try:
-            part = partitioner.load_partition(pid)
-        except ValueError as e:
-            raise DataError(f"partitioning {data.dataset!r} into {num_clients} clients failed: {e}") from e
-        clients.append(_split(part, data, pid, seed))
-    return FederatedData(data.dataset, info.num_classes, info.image_shape, clients)
+    labels = np.asarray(ds["label"], dtype=np.int64)
+    index_cols = {p.id_column: ds[p.id_column]} if p.name == "natural_id" else {}
+    # Partition a light (label, row) table rather than the images: same result, no image copies.
+    table = Dataset.from_dict({"label": labels, _ROW: np.arange(len(labels)), **index_cols})
+    partitioner = make_partitioner(p, num_clients, seed, len(labels))
+    partitioner.dataset = table
+    if p.name == "natural_id" and partitioner.num_partitions != num_clients:
+        raise DataError(f"data.partitioner.id_column={p.id_column!r} has {partitioner.num_partitions} distinct "
+                        f"values: set run.num_clients={partitioner.num_partitions} (got {num_clients})")
+    try:
+        parts = [np.asarray(partitioner.load_partition(pid)[_ROW], dtype=np.int64) for pid in range(num_clients)]
+    except (ValueError, KeyError) as e:
+        raise DataError(f"partitioning {data.dataset!r} into {num_clients} clients with "
+                        f"data.partitioner.name={p.name!r} failed: {e}") from e
+    parts, moved = enforce_min_size(parts, data, seed)
+    images = np.asarray(ds.with_format("numpy")["image"], dtype=np.float32)
+    clients, infos = [], []
+    for pid, rows in enumerate(parts):
+        client, shift_info = _split(images[rows], labels[rows], data, info.num_classes, pid, seed)
+        clients.append(client)
+        infos.append({**shift_info, **({"rebalanced_in": moved[pid]} if moved.get(pid) else {})})
+    return FederatedData(data.dataset, info.num_classes, info.image_shape, clients, infos)
 
 
-def _split(part, data: DataConfig, pid: int, seed: int) -> ClientData:
-    n = len(part)
-    n_test = int(round(data.test_fraction * n))
-    if n - n_test < 1 or n_test < data.min_test_size:
-        raise DataError(
-            f"client {pid} got {n} samples: too few for a train split and a test split of at least "
-            f"data.min_test_size={data.min_test_size} (data.test_fraction={data.test_fraction}); "
-            "use fewer clients, a larger data.partitioner.alpha or data.partitioner.min_partition_size"
-        )
-    part = part.with_format("numpy")
-    x = torch.from_numpy(np.asarray(part["image"], dtype=np.float32))
-    y = torch.from_numpy(np.asarray(part["label"], dtype=np.int64))
+def _num_test(n: int, test_fraction: float) -> int:
+    return int(round(test_fraction * n))
+
+
+def required_size(data: DataConfig) -> int:
+    """The smallest client that has data.min_client_size samples, a train sample and a full test split."""
+    n = max(1, data.min_client_size)
+    while _num_test(n, data.test_fraction) < data.min_test_size or n - _num_test(n, data.test_fraction) < 1:
+        n += 1
+    return n
+
+
+def enforce_min_size(parts: list[np.ndarray], data: DataConfig, seed: int) -> tuple[list[np.ndarray], dict[int, int]]:
+    """Apply data.small_client_policy. Rebalancing moves random samples from the currently largest client
+    (seeded), so sizes still add up and no sample is duplicated. Returns parts and {pid: samples moved in}."""
+    need = required_size(data)
+    small = [pid for pid, rows in enumerate(parts) if len(rows) < need]
+    if not small:
+        return parts, {}
+    sizes = ", ".join(f"client {pid}: {len(parts[pid])}" for pid in small[:5]) + (" ..." if len(small) > 5 else "")
+    why = (f"{len(small)} client(s) have fewer than {need} samples, the least that gives data.min_client_size="
+           f"{data.min_client_size} and a test split of data.min_test_size={data.min_test_size} at "
+           f"data.test_fraction={data.test_fraction} ({sizes})")
+    if data.small_client_policy == "error":
+        raise DataError(why + "; use fewer clients, a larger data.partitioner.alpha or "
+                        "data.partitioner.min_partition_size, or data.small_client_policy=rebalance")
+    total = sum(len(r) for r in parts)
+    if total < need * len(parts):
+        raise DataError(why + f"; rebalancing cannot help: {total} samples for {len(parts)} clients")
+    rng = np.random.default_rng([seed, 0x5B])
+    parts = [r.copy() for r in parts]
+    moved: dict[int, int] = {}
+    for pid in small:
+        while len(parts[pid]) < need:
+            donor = int(np.argmax([len(r) for r in parts]))
+            k = min(need - len(parts[pid]), len(parts[donor]) - need)
+            take = rng.choice(len(parts[donor]), size=k, replace=False)
+            parts[pid] = np.concatenate([parts[pid], parts[donor][take]])
+            parts[donor] = np.delete(parts[donor], take)
+            moved[pid] = moved.get(pid, 0) + k
+    log.warning("data.small_client_policy=rebalance: moved samples into clients %s", moved)
+    return parts, moved
+
+
+def _split(x_all: np.ndarray, y_all: np.ndarray, data: DataConfig, num_classes: int, pid: int,
+           seed: int) -> tuple[ClientData, dict]:
+    from fedpers.data.shift import apply_shift
+
+    n = len(y_all)
+    n_test = _num_test(n, data.test_fraction)
+    x = torch.from_numpy(x_all)
+    y = torch.from_numpy(y_all)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + pid))
     test, train = order[:n_test], order[n_test:]
-    return ClientData(x[train], y[train], x[test], y[test])
+    (x_tr, x_te), (y_tr, y_te), shift_info = apply_shift(data.shift, seed, pid, num_classes,
+                                                         [x[train], x[test]], [y[train], y[test]])
+    return ClientData(x_tr, y_tr, x_te, y_te), shift_info

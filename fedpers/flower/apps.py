@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 
 import numpy as np
@@ -16,10 +17,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedpers.client import client_round
-from fedpers.config import ExperimentConfig, from_layers, from_yaml, to_yaml
+from fedpers.config import ConfigError, ExperimentConfig, from_layers, from_yaml, to_yaml
+from fedpers.faults import ENV_VAR, MALFORMED, InjectedFault, corrupt, env_fault
 from fedpers.payload import Failure, Reply
-from fedpers.server import run_server
 
 log = logging.getLogger("fedpers")
 
@@ -112,16 +112,27 @@ class FlowerTransport:
 
 
 def config_from_run_config(run_config: dict) -> ExperimentConfig:
-    """``flwr run --run-config``: ``config`` names a YAML file, other keys are dotted config fields."""
+    """``flwr run --run-config``: ``config`` names a YAML file, ``overrides`` is a space-separated
+    dotlist; any other key is taken as a dotted config field itself (simulation callers)."""
+    import shlex
+    from pathlib import Path
+
     from omegaconf import OmegaConf
 
     layers = []
     rc = dict(run_config)
-    path = rc.pop("config", "")
+    path = str(rc.pop("config", "") or "")
     if path:
-        layers.append(OmegaConf.load(path))
-    if rc:
-        layers.append(OmegaConf.from_dotlist([f"{k}={v}" for k, v in rc.items()]))
+        # Relative paths are looked up in the app first: under flwr run the cwd is the SuperLink's.
+        app_root = Path(__file__).resolve().parents[2]
+        layers.append(OmegaConf.load(app_root / path if (app_root / path).is_file() else path))
+    dotlist = shlex.split(str(rc.pop("overrides", "") or ""))
+    dotlist += [f"{k}={v}" for k, v in rc.items()]
+    bad = [o for o in dotlist if "=" not in o]
+    if bad:
+        raise ConfigError("overrides", f"{bad[0]!r} is not key=value")
+    if dotlist:
+        layers.append(OmegaConf.from_dotlist(dotlist))
     return from_layers(layers)
 
 
@@ -133,6 +144,8 @@ def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = N
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
+            from fedpers.server import run_server
+
             c = cfg if cfg is not None else config_from_run_config(context.run_config)
             summary = run_server(c, FlowerTransport(grid, c))
         except BaseException as e:
@@ -160,6 +173,17 @@ def _partition_id(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
+def _device_data(context: Context, cfg: ExperimentConfig, pid: int):
+    """A real device trains on its own folder (``--node-config 'data-path=DIR'``, see
+    fedpers.data.local); without one, on its partition of the simulated federation."""
+    path = context.node_config.get("data-path")
+    if not path:
+        return None
+    from fedpers.data.local import load_device_data
+
+    return load_device_data(str(path), cfg.data, pid, cfg.run.seed)
+
+
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"info": ConfigRecord({"partition-id": _partition_id(context)})}), reply_to=msg)
@@ -167,11 +191,24 @@ def query(msg: Message, context: Context) -> Message:
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg = _parse_config(str(msg.content["config"]["config_yaml"]))
+    from fedpers.client import client_round  # here, not at import: node discovery needs no torch
+    from fedpers.dp import device_floor
+
+    # The device's DP settings (node config) can only tighten what the server asked for.
+    cfg = device_floor(_parse_config(str(msg.content["config"]["config_yaml"])), dict(context.node_config))
     server_round = int(msg.content["config"]["server_round"])
     pid = _partition_id(context)
     state = _from_record(context.state[STATE_KEY]) if STATE_KEY in context.state else {}
-    reply, new_state = client_round(cfg, pid, server_round, _from_record(msg.content["arrays"]), state)
+    fault = env_fault(pid, server_round)  # fault drills only (FEDPERS_FAULTS); None otherwise
+    if fault == "raise":
+        raise InjectedFault(f"client {pid} raised in round {server_round} ({ENV_VAR})")
+    if fault in ("hang", "silent"):  # a ClientApp must return eventually; sleeping past the timeout is silence
+        time.sleep(float(os.environ.get("FEDPERS_FAULT_HANG_S", "600")))
+    reply, new_state = client_round(cfg, pid, server_round, _from_record(msg.content["arrays"]), state,
+                                    data=_device_data(context, cfg, pid))
+    if fault in MALFORMED:
+        reply = corrupt(reply, fault)
     context.state[STATE_KEY] = _to_record(new_state)
-    metrics = MetricRecord({**reply.metrics, "num_examples": reply.num_examples, "partition_id": pid})
+    metrics = MetricRecord({**reply.metrics, "num_examples": reply.num_examples,
+                            "partition_id": reply.partition_id})
     return Message(RecordDict({"arrays": _to_record(reply.arrays), "metrics": metrics}), reply_to=msg)

@@ -62,25 +62,52 @@ class PromptedViT(nn.Module):
         with torch.no_grad():
             return self.vit._pos_embed(self.vit.patch_embed(x))
 
-    def features(self, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """Embedded tokens (from :meth:`embed`) + prompts (K, D) -> pooled features (N, D)."""
-        return self.features_per_row(tokens, prompts.unsqueeze(0).expand(tokens.shape[0], -1, -1))
+    @property
+    def depth(self) -> int:
+        return len(self.vit.blocks)
 
-    def features_per_row(self, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """As :meth:`features` with one prompt set per row, prompts (N, K, D): clients with different
-        prompts then share one forward/backward pass (``fedpers.batched``)."""
-        p = prompts
+    def features(self, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """Embedded tokens (from :meth:`embed`) + prompts -> pooled features (N, D).
+
+        ``prompts`` is (K, D) for shallow VPT, or (depth, K, D) for VPT-deep: block i then sees
+        ``prompts[i]`` in place of whatever the prompt positions held after block i-1."""
+        deep = prompts.dim() == 3
+        if deep and prompts.shape[0] != self.depth:
+            raise BackboneError(f"deep prompts have {prompts.shape[0]} layers, backbone has {self.depth} blocks")
+        n = tokens.shape[0]
+        first = prompts[0] if deep else prompts
+        num_p = first.shape[0]
         k = self.num_prefix
-        x = torch.cat([tokens[:, :k], p, tokens[:, k:]], dim=1)
+        x = torch.cat([tokens[:, :k], first.unsqueeze(0).expand(n, -1, -1), tokens[:, k:]], dim=1)
         vit = self.vit
         x = vit.norm_pre(x)
-        x = vit.blocks(x)
+        if deep:
+            for i, block in enumerate(vit.blocks):
+                if i > 0:
+                    p = prompts[i].unsqueeze(0).expand(n, -1, -1)
+                    x = torch.cat([x[:, :k], p, x[:, k + num_p :]], dim=1)
+                x = block(x)
+        else:
+            x = vit.blocks(x)
         x = vit.norm(x)
         # Pool as the backbone would, but never over the prompt tokens.
-        x = torch.cat([x[:, :k], x[:, k + p.shape[1] :]], dim=1)
+        x = torch.cat([x[:, :k], x[:, k + num_p :]], dim=1)
         return vit.forward_head(x, pre_logits=True)
 
-    def forward(self, images: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    def features_per_row(self, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """Shallow prompts, one set per row: prompts (N, K, D). Clients with different prompts then share
+        one forward/backward pass (``fedpers.batched``); per row it is :meth:`features` (K, D)."""
+        k, vit = self.num_prefix, self.vit
+        x = vit.norm_pre(torch.cat([tokens[:, :k], prompts, tokens[:, k:]], dim=1))
+        x = vit.norm(vit.blocks(x))
+        x = torch.cat([x[:, :k], x[:, k + prompts.shape[1] :]], dim=1)  # never pool over prompt tokens
+        return vit.forward_head(x, pre_logits=True)
+
+    def forward(self, images: torch.Tensor, prompts: torch.Tensor, *, prepared: bool = False) -> torch.Tensor:
+        """Images -> features. ``prepared=True`` takes normalised inputs and runs the patch embedding
+        with grad, so ``torch.func.functional_call`` can train backbone weights (``fedavg_full``)."""
+        if prepared:
+            return self.features(self.vit._pos_embed(self.vit.patch_embed(images)), prompts)
         return self.features(self.embed(self.prepare(images)), prompts)
 
 
@@ -116,12 +143,21 @@ def backbone_from_config(m) -> PromptedViT:
 
 
 @functools.lru_cache(maxsize=8)
-def backbone_embed_dim(backbone: str) -> int:
-    """Token width, without loading weights (the server needs only the prompt shape)."""
+def _meta_vit_dims(backbone: str) -> tuple[int, int]:
     import timm
 
     if not timm.is_model(backbone):
         raise BackboneError(f"model.backbone: {backbone!r} is not a timm model name (see timm.list_models('vit*'))")
     with torch.device("meta"):
         vit = timm.create_model(backbone, pretrained=False, num_classes=0)
-    return int(vit.embed_dim)
+    return int(vit.embed_dim), len(getattr(vit, "blocks", ()))
+
+
+def backbone_embed_dim(backbone: str) -> int:
+    """Token width, without loading weights (the server needs only the prompt shape)."""
+    return _meta_vit_dims(backbone)[0]
+
+
+def backbone_depth(backbone: str) -> int:
+    """Number of transformer blocks (layers of deep prompts), without loading weights."""
+    return _meta_vit_dims(backbone)[1]

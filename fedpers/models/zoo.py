@@ -7,6 +7,8 @@ pretraining on unlabelled source images disjoint from every client's data; see t
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 from timm.models import build_model_with_cfg, register_model
@@ -14,7 +16,31 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-DIGITS_WEIGHTS = WEIGHTS_DIR / "vit_fedpers_digits.safetensors"
+
+
+def _bundled(name: str) -> Path:
+    """The shipped weights file. Under ``flwr run`` this module is imported from the app bundle (FAB),
+    which carries only source files, so fall back to the installed fedpers package's copy."""
+    here = WEIGHTS_DIR / name
+    if here.is_file():
+        return here
+    roots = [Path(p) for p in sys.path if p]
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        url = json.loads(distribution("fedpers").read_text("direct_url.json") or "{}").get("url", "")
+        if url.startswith("file://"):  # editable install: the source checkout
+            roots.append(Path(url.removeprefix("file://")))
+    except (PackageNotFoundError, ValueError):
+        pass
+    for root in roots:
+        cand = root / "fedpers" / "models" / "weights" / name
+        if cand.is_file():
+            return cand
+    return here  # missing everywhere: timm reports this path
+
+
+DIGITS_WEIGHTS = _bundled("vit_fedpers_digits.safetensors")
 
 DIGITS_ARCH = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0)
 

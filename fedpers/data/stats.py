@@ -1,0 +1,153 @@
+"""Heterogeneity statistics and the partition report (JSON, CSV, PNG) of a federation.
+
+Label distributions are those clients actually train on (after any concept shift). Distances compare
+each client's label distribution with the pooled one:
+
+- Jensen-Shannon distance (base 2, in [0, 1]): 0 = same distribution, 1 = disjoint supports.
+- EMD as in Zhao et al. 2018 ("Federated Learning with Non-IID Data"): sum_k |p_k - q_k|, in [0, 2]
+  (the earth mover's distance under the 0/1 ground metric of unordered classes, times two).
+
+Neither sees feature or concept shift under an IID label split; the ``shift`` section of the report
+describes those (domains per client, label maps and how much clients disagree about labels).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fedpers.data.partition import FederatedData
+
+
+def heterogeneity(counts: np.ndarray) -> dict:
+    """Summary of a (num_clients, num_classes) label histogram."""
+    from scipy.spatial.distance import jensenshannon
+
+    counts = np.asarray(counts, dtype=np.float64)
+    sizes = counts.sum(axis=1)
+    glob = counts.sum(axis=0) / counts.sum()
+    local = counts / np.maximum(sizes[:, None], 1)
+    js = np.array([jensenshannon(q, glob, base=2) for q in local])
+    emd = np.abs(local - glob).sum(axis=1)
+    return {
+        "js_mean": float(js.mean()),
+        "js_max": float(js.max()),
+        "emd_mean": float(emd.mean()),
+        "emd_max": float(emd.max()),
+        "classes_per_client_mean": float((counts > 0).sum(axis=1).mean()),
+        "size_min": int(sizes.min()),
+        "size_max": int(sizes.max()),
+        "size_mean": float(sizes.mean()),
+        "size_cv": float(sizes.std() / sizes.mean()),  # quantity skew: coefficient of variation of sizes
+        "per_client_js": js.round(6).tolist(),
+        "per_client_emd": emd.round(6).tolist(),
+    }
+
+
+def concept_disagreement(shift_info: list[dict]) -> float | None:
+    """Share of (client pair, class) combinations whose labels differ: 0 = one concept, ~1 = all differ."""
+    maps = [np.asarray(i["label_map"]) for i in shift_info if "label_map" in i]
+    if len(maps) < 2:
+        return None
+    pairs = [(a != b).mean() for i, a in enumerate(maps) for b in maps[i + 1:]]
+    return float(np.mean(pairs))
+
+
+def report(fed: FederatedData) -> dict:
+    counts = fed.label_counts()
+    shift = {"per_client": fed.shift_info}
+    groups = {i.get("group") for i in fed.shift_info if "group" in i}
+    if groups:
+        shift["num_groups"] = len(groups)
+    dis = concept_disagreement(fed.shift_info)
+    if dis is not None:
+        shift["label_disagreement"] = dis
+    return {
+        "dataset": fed.dataset,
+        "num_clients": len(fed.clients),
+        "num_classes": fed.num_classes,
+        "num_train": [c.num_train for c in fed.clients],
+        "num_test": [int(c.y_test.shape[0]) for c in fed.clients],
+        "label_counts": counts.tolist(),
+        "heterogeneity": heterogeneity(counts),
+        "shift": shift,
+    }
+
+
+def label_partitioner(fed: FederatedData):
+    """A flwr-datasets NaturalIdPartitioner over the final client labels, for flwr-datasets' plots
+    (``plot_label_distributions``, ``plot_comparison_label_distribution``)."""
+    from datasets import ClassLabel, Dataset, Features, Value
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
+    cid = np.concatenate([np.full(len(c.y_train) + len(c.y_test), i) for i, c in enumerate(fed.clients)])
+    lab = np.concatenate([np.concatenate([c.y_train.numpy(), c.y_test.numpy()]) for c in fed.clients])
+    part = NaturalIdPartitioner(partition_by="client")
+    # Client ids are sorted integers, so flwr's partition id i is client i.
+    # A ClassLabel column lets flwr-datasets name the labels (and keeps it from warning that it cannot).
+    features = Features({"client": Value("int64"), "label": ClassLabel(num_classes=fed.num_classes)})
+    part.dataset = Dataset.from_dict({"client": cid, "label": lab}, features=features)
+    return part
+
+
+def write_report(fed: FederatedData, out: str | Path, title: str | None = None, plots: bool = True) -> dict:
+    """Write partitions.json, heterogeneity.json, label_counts.csv and PNG plots into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = report(fed)
+    (out / "partitions.json").write_text(json.dumps(rep, indent=1))
+    summary = {k: v for k, v in rep["heterogeneity"].items() if not k.startswith("per_client")}
+    if "label_disagreement" in rep["shift"]:
+        summary["label_disagreement"] = rep["shift"]["label_disagreement"]
+    (out / "heterogeneity.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
+    with (out / "label_counts.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["client", "num_train", "num_test", "size", *[f"label_{k}" for k in range(fed.num_classes)]])
+        for i, row in enumerate(rep["label_counts"]):
+            w.writerow([i, rep["num_train"][i], rep["num_test"][i], sum(row), *row])
+    if plots:
+        plot_report(fed, out, title or f"{fed.dataset}: JS {summary['js_mean']:.3f}, EMD {summary['emd_mean']:.3f}")
+    return rep
+
+
+def plot_report(fed: FederatedData, out: Path, title: str) -> None:
+    # No matplotlib.use("Agg") here: it would switch a notebook's inline backend off. Matplotlib already
+    # falls back to Agg where there is no display.
+    import matplotlib.pyplot as plt
+    from flwr_datasets.visualization import plot_label_distributions
+
+    part = label_partitioner(fed)
+    fig, _, _ = plot_label_distributions(part, "label", plot_type="bar", size_unit="absolute", legend=True,
+                                         legend_title="label", title=title)
+    fig.savefig(out / "label_distribution.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    fig, _, _ = plot_label_distributions(part, "label", plot_type="heatmap", size_unit="percent",
+                                         title=title + " (% of client)")
+    fig.savefig(out / "label_heatmap.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    if any("domain" in i for i in fed.shift_info):
+        fig = plot_domains(fed)
+        fig.savefig(out / "domains.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+
+
+def plot_domains(fed: FederatedData, per_client: int = 4, max_clients: int = 10):
+    """A grid of train images: one row per client, so each client's domain is visible."""
+    import matplotlib.pyplot as plt
+
+    n = min(len(fed.clients), max_clients)
+    fig, axes = plt.subplots(n, per_client, figsize=(1.3 * per_client, 1.3 * n), squeeze=False)
+    for i in range(n):
+        x, y = fed.clients[i].x_train, fed.clients[i].y_train
+        for j in range(per_client):
+            ax = axes[i, j]
+            ax.axis("off")
+            if j < len(x):
+                img = x[j].permute(1, 2, 0).numpy()
+                ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+                ax.set_title(f"c{i} y={int(y[j])}", fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,186 @@
+"""Checkpoint/resume: an interrupted run, resumed, ends bit-identical to one that never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedpers import simulate
+from fedpers.checkpoint import FILENAME, CheckpointError, load_checkpoint
+from fedpers.config import load_config
+from fedpers.engine import InProcessTransport
+from fedpers.server import run_server
+from tests.conftest import tiny_overrides
+
+ROUNDS = 4
+# Timing fields are the only ones allowed to differ between an interrupted and an uninterrupted run.
+TIMING = ("round_time_s", "wall_time_s")
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashingTransport(InProcessTransport):
+    """Dies at the start of round ``crash_round``, like a killed server would."""
+
+    def __init__(self, cfg, crash_round):
+        super().__init__(cfg)
+        self.crash_round = crash_round
+
+    def exchange(self, server_round, payloads, timeout):
+        if server_round == self.crash_round:
+            raise Crash(f"injected crash in round {server_round}")
+        return super().exchange(server_round, payloads, timeout)
+
+
+def overrides(out, **kw):
+    # 4 clients, 3 sampled per round: exercises the sampling schedule across the resume point.
+    return tiny_overrides(out, **{"run.rounds": ROUNDS, "run.num_clients": 4, "run.clients_per_round": 3, **kw})
+
+
+def final_state(out: Path):
+    ckpt = torch.load(out / FILENAME, weights_only=False)
+    rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = {k: v for k, v in json.loads((out / "summary.json").read_text()).items() if k != "wall_time_s"}
+    return ckpt, rows, summary
+
+
+def assert_bit_identical(a, b):
+    (ca, ra, sa), (cb, rb, sb) = a, b
+    assert ca["round"] == cb["round"] == ROUNDS
+    for k, v in ca["strategy"]["generator"].items():
+        assert torch.equal(v, cb["strategy"]["generator"][k]), k
+    for (i, x), y in zip(ca["strategy"]["optimizer"]["state"].items(), cb["strategy"]["optimizer"]["state"].values()):
+        for key in x:
+            assert torch.equal(torch.as_tensor(x[key]), torch.as_tensor(y[key])), (i, key)
+    assert ca["clients"].keys() == cb["clients"].keys()
+    for pid in ca["clients"]:
+        for k, v in ca["clients"][pid].items():
+            np.testing.assert_array_equal(v, cb["clients"][pid][k])
+    assert torch.equal(ca["rng"]["torch"], cb["rng"]["torch"])
+    assert ra == rb
+    assert sa == sb
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "full"
+    assert simulate.main(overrides(out)) == 0
+    return final_state(out)
+
+
+def test_crash_after_round_2_then_resume_is_bit_identical(tmp_path, uninterrupted):
+    out = tmp_path / "crashed"
+    cfg = load_config(None, overrides(out))
+    with pytest.raises(Crash):
+        run_server(cfg, CrashingTransport(cfg, crash_round=3))
+    assert torch.load(out / FILENAME, weights_only=False)["round"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert simulate.main(overrides(out, **{"run.resume": "true"})) == 0
+    assert_bit_identical(final_state(out), uninterrupted)
+
+
+def test_killed_subprocess_resumes_bit_identical(tmp_path, uninterrupted):
+    """SIGKILL the real CLI as soon as a checkpoint exists, then resume it."""
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "fedpers.simulate", *overrides(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / FILENAME).exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    done = torch.load(out / FILENAME, weights_only=False)["round"]
+    if done >= ROUNDS:
+        pytest.skip("the run finished before it could be killed (machine too fast for this check)")
+    assert simulate.main(overrides(out, **{"run.resume": "true"})) == 0
+    assert_bit_identical(final_state(out), uninterrupted)
+
+
+def test_resume_can_extend_the_number_of_rounds(tmp_path, uninterrupted):
+    out = tmp_path / "extend"
+    assert simulate.main(overrides(out, **{"run.rounds": 2})) == 0
+    assert simulate.main(overrides(out, **{"run.resume": "true"})) == 0
+    assert_bit_identical(final_state(out), uninterrupted)
+
+
+def test_resume_refuses_another_experiment_and_a_missing_checkpoint(tmp_path, capsys):
+    out = tmp_path / "other"
+    assert simulate.main(overrides(out, **{"run.rounds": 1})) == 0
+    with pytest.raises(CheckpointError, match="client.lr"):
+        load_config_and_check(out, **{"client.lr": 0.5})
+    assert simulate.main(overrides(tmp_path / "nothing", **{"run.resume": "true"})) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def load_config_and_check(out, **kw):
+    return load_checkpoint(load_config(None, overrides(out, **{"run.resume": "true", **kw})))
+
+
+class StubAll:
+    """A training-free client for any strategy: a deterministic delta for every tensor it receives."""
+
+    def __init__(self, crash_round=None):
+        self.crash_round = crash_round
+
+    def exchange(self, server_round, payloads, timeout):
+        from fedpers.payload import Reply
+
+        if server_round == self.crash_round:
+            raise Crash(server_round)
+        metrics = {"train_loss": 0.5, "test_loss": 0.6, "test_accuracy": 0.5, "num_test": 4.0}
+        return {pid: Reply(pid, {f"delta/{k}": (0.1 * np.sin(v + pid + server_round)).astype(np.float32)
+                                 for k, v in arrays.items()}, 10 + pid, metrics)
+                for pid, arrays in payloads.items()}
+
+
+def assert_tree_equal(a, b, path="state"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_tree_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_tree_equal(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b, err_msg=path)
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("name", __import__("strategies").list_strategies())
+def test_every_strategy_resumes_bit_identical(tmp_path, name):
+    """Conformance: a strategy's state_dict must hold everything its future updates depend on."""
+    from fedpers.server import build_strategy
+
+    def cfg_for(out, **kw):
+        return load_config(None, overrides(out, **{"strategy.name": name, **kw}))
+
+    full_cfg = cfg_for(tmp_path / "full")
+    full = build_strategy(full_cfg)
+    run_server(full_cfg, StubAll(), full)
+
+    cfg = cfg_for(tmp_path / "cut")
+    with pytest.raises(Crash):
+        run_server(cfg, StubAll(crash_round=3), build_strategy(cfg))
+    resumed_cfg = cfg_for(tmp_path / "cut", **{"run.resume": "true"})
+    resumed = build_strategy(resumed_cfg)
+    run_server(resumed_cfg, StubAll(), resumed)
+    assert_tree_equal(resumed.state_dict(), full.state_dict())
