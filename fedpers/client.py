@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedpers import cache
 from fedpers.config import ExperimentConfig
 from fedpers.data import ClientData, build_federated, get_dataset_info
 from fedpers.dp import privatize_reply
@@ -123,17 +124,64 @@ def start_tensors(ctx: ClientContext, received: dict[str, np.ndarray],
     return out
 
 
+def client_prompts(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return tensors["deep_prompts"] if "deep_prompts" in tensors else tensors["prompts"]
+
+
+def _weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"vit." + k[len(BACKBONE):]: v for k, v in tensors.items() if k.startswith(BACKBONE)}
+
+
+def head_logits(feats: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return F.linear(feats, tensors["head.weight"], tensors["head.bias"])
+
+
 def logits(ctx: ClientContext, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """Prepared inputs (``model.prepare``) -> class logits under the client tensors ``tensors``."""
-    prompts = tensors["deep_prompts"] if "deep_prompts" in tensors else tensors.get("prompts")
-    weights = {"vit." + k[len(BACKBONE):]: v for k, v in tensors.items() if k.startswith(BACKBONE)}
+    weights = _weights(tensors)
     if weights:  # the backbone itself is trained: run it with these weights in place of the frozen ones
-        feats = torch.func.functional_call(ctx.model, weights, (x, prompts), {"prepared": True})
-    elif "deep_prompts" in tensors:
-        feats = ctx.model.features(ctx.model.embed(x), prompts)
+        feats = torch.func.functional_call(ctx.model, weights, (x, client_prompts(tensors)), {"prepared": True})
     else:
-        feats = ctx.model.features_with(ctx.model.embed(x), tensors)
-    return F.linear(feats, tensors["head.weight"], tensors["head.bias"])
+        feats = backbone_features(ctx, ctx.model.embed(x), tensors)
+    return head_logits(feats, tensors)
+
+
+def backbone_features(ctx: ClientContext, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Embedded inputs (``model.embed``) -> pooled features under the adapter tensors (frozen backbone)."""
+    if "deep_prompts" in tensors:
+        return ctx.model.features(tokens, tensors["deep_prompts"])
+    return ctx.model.features_with(tokens, tensors)
+
+
+def token_logits(ctx: ClientContext, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Embedded tokens (``model.embed``) -> logits; only while the backbone's weights are frozen."""
+    return head_logits(backbone_features(ctx, tokens, tensors), tensors)
+
+
+def cacheable(tensors: dict[str, torch.Tensor]) -> bool:
+    """Frozen computation may be cached only while no backbone weight is a client tensor (fedavg_full)."""
+    return not _weights(tensors)
+
+
+def non_head_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The client tensors the backbone reads (everything but the head)."""
+    return {k: v for k, v in tensors.items() if not k.startswith("head.")}
+
+
+def batch_tokens(ctx: ClientContext, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``idx -> tokens of x[idx]``: from the process cache (run.cache), else embedded per batch."""
+    cached = cache.tokens(ctx.cfg.run, ctx.model, x)
+    if cached is not None:
+        return lambda idx: cached[idx]
+    prepared = ctx.model.prepare(x)
+    return lambda idx: ctx.model.embed(prepared[idx])
+
+
+def frozen_features(ctx: ClientContext, x: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Features of every row of ``x`` under the current backbone tensors, from the process cache
+    (None when run.cache is off). Only valid while those tensors are not being trained."""
+    return cache.frozen_features(ctx.cfg.run, ctx.model, x, non_head_tensors(tensors),
+                                 lambda t: backbone_features(ctx, t, tensors))
 
 
 def fit(
@@ -156,7 +204,12 @@ def fit(
     opt = torch.optim.SGD([tensors[n] for n in names], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
     g = ctx.generator(*((salt,) if salt else ()))
     data = ctx.data
-    x_train = ctx.model.prepare(data.x_train)
+    frozen = cacheable(tensors)
+    tokens = batch_tokens(ctx, data.x_train) if frozen else None
+    x_train = None if frozen else ctx.model.prepare(data.x_train)
+    # Head-only training: the backbone's output is fixed, so compute it once (exact; see fedpers.cache).
+    head_only = frozen and view is None and not any(k in names for k in non_head_tensors(tensors))
+    feats = frozen_features(ctx, data.x_train, tensors) if head_only else None
     n = data.num_train
     losses = []
     for _ in range(epochs):
@@ -164,7 +217,13 @@ def fit(
         for i in range(0, n, c.batch_size):
             idx = order[i : i + c.batch_size]
             used = view(tensors) if view is not None else tensors
-            loss = F.cross_entropy(logits(ctx, x_train[idx], used), data.y_train[idx])
+            if feats is not None:
+                out = head_logits(feats[idx], used)
+            elif tokens is not None:
+                out = token_logits(ctx, tokens(idx), used)
+            else:
+                out = logits(ctx, x_train[idx], used)
+            loss = F.cross_entropy(out, data.y_train[idx])
             if extra_loss is not None:
                 loss = loss + extra_loss(tensors)
             opt.zero_grad(set_to_none=True)
@@ -179,7 +238,13 @@ def fit(
 @torch.no_grad()
 def evaluate(ctx: ClientContext, tensors: dict[str, torch.Tensor]) -> tuple[float, float]:
     """(loss, accuracy) of the client's model on its own test split."""
-    out = logits(ctx, ctx.model.prepare(ctx.data.x_test), tensors)
+    if not cacheable(tensors):
+        out = logits(ctx, ctx.model.prepare(ctx.data.x_test), tensors)
+    else:
+        feats = frozen_features(ctx, ctx.data.x_test, tensors)
+        if feats is None:
+            feats = backbone_features(ctx, ctx.model.embed(ctx.model.prepare(ctx.data.x_test)), tensors)
+        out = head_logits(feats, tensors)
     loss = float(F.cross_entropy(out, ctx.data.y_test))
     acc = float((out.argmax(1) == ctx.data.y_test).float().mean())
     return loss, acc
@@ -187,16 +252,17 @@ def evaluate(ctx: ClientContext, tensors: dict[str, torch.Tensor]) -> tuple[floa
 
 def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], received: dict[str, np.ndarray],
            trained: dict[str, torch.Tensor], losses: list[float],
-           eval_tensors: dict[str, torch.Tensor] | None = None) -> tuple[Reply, dict[str, np.ndarray]]:
+           eval_tensors: dict[str, torch.Tensor] | None = None,
+           eval_result: tuple[float, float] | None = None) -> tuple[Reply, dict[str, np.ndarray]]:
     """Deltas of the sent tensors, the new personal state, and metrics (evaluated on ``eval_tensors``,
-    default ``trained``)."""
+    default ``trained``; or given as ``eval_result`` = (loss, accuracy) by a batched evaluator)."""
     arrays = {
         f"delta/{k}": (trained[k].detach() - torch.from_numpy(np.asarray(received[k], dtype=DTYPE)))
         .numpy().astype(DTYPE)
         for k in sends
     }
     state = {k: trained[k].detach().numpy().astype(DTYPE).copy() for k in personal}
-    test_loss, test_acc = evaluate(ctx, eval_tensors if eval_tensors is not None else trained)
+    test_loss, test_acc = eval_result or evaluate(ctx, eval_tensors if eval_tensors is not None else trained)
     steps_per_epoch = max(1, -(-ctx.data.num_train // ctx.cfg.client.batch_size))
     metrics = {
         "train_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else float("nan"),

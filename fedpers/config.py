@@ -23,7 +23,8 @@ PARTITIONERS = ("iid", "dirichlet", "pathological", "shard", "inner_dirichlet", 
 SHIFTS = ("none", "domain", "concept")
 MODALITIES = ("vision", "text")
 ADAPTERS = ("prompt", "prefix", "lora")
-ENGINES = ("flower", "inprocess")
+ENGINES = ("flower", "fast", "inprocess")
+DEVICES = ("cpu", "cuda", "cuda:N")
 
 
 class ConfigError(ValueError):
@@ -41,7 +42,7 @@ class RunConfig:
     num_clients: int = 10  # clients (= partitions of the dataset)
     clients_per_round: int = 10  # clients sampled each round (without replacement)
     output_dir: str = "results/default"  # results folder (config, metrics.jsonl, summary.json, plots)
-    engine: str = "flower"  # flower: Flower simulation engine; inprocess: plain loop in this process
+    engine: str = "flower"  # flower: Flower simulation engine (realism); fast: one process, no messages (inprocess = alias)
     min_replies: int = 1  # a round with fewer valid replies is not applied to the server state
     client_timeout_s: float = 600.0  # how long the server waits for a round's replies
     max_upload_mb: float = 64.0  # replies whose arrays exceed this are rejected
@@ -51,6 +52,11 @@ class RunConfig:
     resume: bool = False  # continue from <output_dir>/checkpoint.pt (run.rounds may grow; other fields must match)
     holdout_clients: float = 0.0  # unseen clients, never trained, personalized after training: a fraction in (0, 1) or a whole count >= 1 (0 = none)
     unseen_rounds: int = 3  # exchanges in which each held-out client adapts to the frozen trained server state
+    cache: bool = True  # exact per-process caches of frozen computation (patch embeddings, frozen features)
+    cache_mb: float = 1024.0  # memory budget of those caches per process; clients past it are recomputed
+    batch_clients: bool = False  # fast engine: train a round's clients together in mixed batches
+    batch_max_samples: int = 1024  # batch_clients: most samples in one mixed forward/backward (clients grouped)
+    device: str = "cpu"  # batch_clients: torch device of the batched trainer (cpu | cuda | cuda:N)
 
 
 @dataclass
@@ -250,6 +256,14 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(r.num_cpus_per_client > 0, "run.num_cpus_per_client", f"must be > 0, got {r.num_cpus_per_client}")
     _require(bool(r.output_dir), "run.output_dir", "must not be empty")
     _require(r.checkpoint_every >= 0, "run.checkpoint_every", f"must be >= 0 (0 = never), got {r.checkpoint_every}")
+    _require(r.cache_mb >= 0, "run.cache_mb", f"must be >= 0, got {r.cache_mb}")
+    _require(r.batch_max_samples >= 1, "run.batch_max_samples", f"must be >= 1, got {r.batch_max_samples}")
+    _require(not r.batch_clients or r.engine != "flower", "run.batch_clients",
+             "needs run.engine=fast (Flower runs each client in its own ClientApp call)")
+    _require(r.device == "cpu" or r.device == "cuda" or (r.device.startswith("cuda:") and r.device[5:].isdigit()),
+             "run.device", f"unknown device {r.device!r}; allowed: {', '.join(DEVICES)}")
+    _require(r.device == "cpu" or r.batch_clients, "run.device",
+             "only the batched trainer runs off the CPU; set run.batch_clients=true")
 
     datasets = list_datasets()
     _require(d.dataset in datasets, "data.dataset", f"unknown dataset {d.dataset!r}; allowed: {', '.join(datasets)}")

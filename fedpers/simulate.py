@@ -61,7 +61,7 @@ def preflight(cfg: ExperimentConfig) -> None:
 
 def run(cfg: ExperimentConfig) -> dict:
     preflight(cfg)
-    if cfg.run.engine == "inprocess":
+    if cfg.run.engine in ("fast", "inprocess"):
         from fedpers.engine import InProcessTransport
         from fedpers.server import run_server
 

@@ -27,12 +27,14 @@ def test_flower_run_learns_and_writes_results(flower_run):
     assert rows[-1]["accuracy_mean"] > rows[0]["accuracy_mean"]
 
 
-def test_flower_and_inprocess_engines_agree(flower_run, tmp_path):
-    """Clients are keyed by partition-id, so the transport does not change what is computed."""
+@pytest.mark.parametrize("engine", [["run.engine=inprocess"], ["run.engine=fast", "run.batch_clients=true"]])
+def test_flower_and_inprocess_engines_agree(flower_run, tmp_path, engine):
+    """Clients are keyed by partition-id, so the transport (and batching clients) does not change what is
+    computed. Both runs use the exact caches (run.cache defaults on), in Flower's workers too."""
     out, overrides = flower_run
     inproc = tmp_path / "inproc"
     overrides = [o for o in overrides if not o.startswith(("run.engine=", "run.output_dir="))]
-    assert simulate.main(overrides + ["run.engine=inprocess", f"run.output_dir={inproc}"]) == 0
+    assert simulate.main(overrides + engine + [f"run.output_dir={inproc}"]) == 0
     a = json.loads((out / "summary.json").read_text())["final"]["per_client"]
     b = json.loads((inproc / "summary.json").read_text())["final"]["per_client"]
     assert a.keys() == b.keys()

@@ -100,6 +100,15 @@ class PromptedViT(nn.Module):
         """The adapted-backbone interface (see fedpers.models.backbones): prompts by name."""
         return self.features(tokens, tensors["prompts"])
 
+    def features_per_row(self, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """Shallow prompts, one set per row: prompts (N, K, D). Clients with different prompts then share
+        one forward/backward pass (``fedpers.batched``); per row it is :meth:`features` (K, D)."""
+        k, vit = self.num_prefix, self.vit
+        x = vit.norm_pre(torch.cat([tokens[:, :k], prompts, tokens[:, k:]], dim=1))
+        x = vit.norm(vit.blocks(x))
+        x = torch.cat([x[:, :k], x[:, k + prompts.shape[1] :]], dim=1)  # never pool over prompt tokens
+        return vit.forward_head(x, pre_logits=True)
+
     def forward(self, images: torch.Tensor, prompts: torch.Tensor, *, prepared: bool = False) -> torch.Tensor:
         """Images -> features. ``prepared=True`` takes normalised inputs and runs the patch embedding
         with grad, so ``torch.func.functional_call`` can train backbone weights (``fedavg_full``)."""

@@ -1,0 +1,18 @@
+"""``python -m fedpers.bench --quick`` runs and writes every key (a smoke run, never a timing test)."""
+
+import json
+
+from fedpers import bench
+
+
+def test_quick_bench_writes_every_part(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("P1_overhead", "P2_vs_flower", "P3_batched", "P4_memory", "P5_bytes", "P6_cache", "profile"):
+        assert key in result, key
+    assert result["P1_overhead"]["ratio_vs_train_fwd_bwd"] > 0
+    assert 0 < result["P5_bytes"]["ratio"] < 0.01  # prompts, not a ViT, cross the network
+    assert result["P6_cache"]["head_only"]["speedup_warm"] > 0
+    assert result["machine"]["load_average_at_start"] and result["load_average_at_end"]
+    assert json.loads(capsys.readouterr().out) == result
