@@ -154,3 +154,15 @@ def test_cuda_device_is_accepted_by_config(tiny_cfg):
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="run.device"):
             batched.device_model(make_context(cfg, 0, 1).model, "cuda:0")
+
+
+def test_no_cache_when_backbone_weights_are_client_tensors(tiny_cfg):
+    """fedavg_full trains the backbone itself: nothing below the head is frozen, so nothing is cached."""
+    from fedpers.client import cacheable
+
+    cache.process_cache().clear()
+    ctx = make_context(tiny_cfg(**{"strategy.name": "fedavg_full"}), 0, 1)
+    tensors = start_tensors(ctx, {}, {})
+    assert not cacheable(tensors)
+    fit(ctx, tensors, list(tensors), epochs=1)
+    assert cache.process_cache().stats.bytes == 0
