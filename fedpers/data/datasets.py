@@ -88,9 +88,9 @@ def load_digits_federated(path: str | None = None):
     return _to_hf(images[keep], labels[keep])
 
 
-def load_hub_image_dataset(path: str, split: str = "train", image_key: str = "img", label_key: str = "label"):
-    """Load an image classification dataset from the Hugging Face hub (needs internet) or a local
-    folder saved with ``Dataset.save_to_disk``, as float (C, H, W) arrays in [0, 1]."""
+def open_split(path: str, split: str, columns: tuple[str, ...]):
+    """One split of a hub dataset (``datasets.load_dataset``, needs internet) or of a local
+    ``save_to_disk`` folder, checked to have ``columns``."""
     from pathlib import Path
 
     import datasets
@@ -103,9 +103,16 @@ def load_hub_image_dataset(path: str, split: str = "train", image_key: str = "im
             ds = ds[split]
     else:
         ds = datasets.load_dataset(path, split=split)
-    missing = [k for k in (image_key, label_key) if k not in ds.column_names]
+    missing = [k for k in columns if k not in ds.column_names]
     if missing:
         raise ValueError(f"{path} has columns {ds.column_names}, missing {missing}")
+    return ds
+
+
+def load_hub_image_dataset(path: str, split: str = "train", image_key: str = "img", label_key: str = "label"):
+    """Load an image classification dataset from the Hugging Face hub (needs internet) or a local
+    folder saved with ``Dataset.save_to_disk``, as float (C, H, W) arrays in [0, 1]."""
+    ds = open_split(path, split, (image_key, label_key))
 
     def convert(batch):
         out = []

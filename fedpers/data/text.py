@@ -133,21 +133,9 @@ def load_hub_text_dataset(path: str, split: str = "train", text_key: str = "text
                           user_key: str | None = "user"):
     """A text classification dataset from the Hugging Face hub (needs internet) or a local
     ``save_to_disk`` folder, as ``text``/``label`` (+ ``user`` when the data has ``user_key``)."""
-    from pathlib import Path
+    from fedpers.data.datasets import open_split
 
-    import datasets
-
-    if Path(path).is_dir():
-        ds = datasets.load_from_disk(path)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ValueError(f"{path} has splits {sorted(ds)}, not {split!r}")
-            ds = ds[split]
-    else:
-        ds = datasets.load_dataset(path, split=split)
-    missing = [k for k in (text_key, label_key) if k not in ds.column_names]
-    if missing:
-        raise ValueError(f"{path} has columns {ds.column_names}, missing {missing}")
+    ds = open_split(path, split, (text_key, label_key))
     keep = {text_key: "text", label_key: "label"}
     if user_key and user_key in ds.column_names:
         keep[user_key] = "user"
