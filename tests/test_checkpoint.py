@@ -92,7 +92,9 @@ def test_crash_after_round_2_then_resume_is_bit_identical(tmp_path, uninterrupte
 def test_killed_subprocess_resumes_bit_identical(tmp_path, uninterrupted):
     """SIGKILL the real CLI as soon as a checkpoint exists, then resume it."""
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # Same thread count as this process (which computes the reference): CPU kernels may sum in a
+    # different order with another number of threads, and this check is bit for bit.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "fedpers.simulate", *overrides(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
