@@ -55,3 +55,21 @@ def test_faulty_clients_in_the_flower_engine(tmp_path, monkeypatch):
     assert "InjectedFault" in rows[0]["failures"][0]["reason"]
     assert {(f["partition_id"], f["kind"], f["code"]) for f in rows[1]["failures"]} == {
         (1, "error", ""), (2, "invalid", "nonfinite")}
+
+
+def test_text_lora_through_the_flower_engine_matches_the_fast_engine(tmp_path):
+    """The text modality (peft LoRA on the packaged MiniLM) through real Flower messages: same numbers."""
+    from tests.conftest import text_tiny_overrides
+
+    base = text_tiny_overrides(tmp_path / "unused", "lora", **{"strategy.name": "pfedlora_gen",
+                                                              "run.num_cpus_per_client": 2})
+    base = [o for o in base if not o.startswith(("run.engine=", "run.output_dir="))]
+    runs = {}
+    for engine in ("flower", "fast"):
+        out = tmp_path / engine
+        assert simulate.main(base + [f"run.engine={engine}", f"run.output_dir={out}"]) == 0
+        runs[engine] = json.loads((out / "summary.json").read_text())
+    assert runs["flower"]["failures"] == 0 and runs["flower"]["rounds"] == 2
+    a, b = runs["flower"]["final"]["per_client"], runs["fast"]["final"]["per_client"]
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 0.02 for k in a), (a, b)
+    assert runs["flower"]["bytes"]["up_per_client_round"] > 0
