@@ -142,20 +142,14 @@ def logits(ctx: ClientContext, x: torch.Tensor, tensors: dict[str, torch.Tensor]
     if weights:  # the backbone itself is trained: run it with these weights in place of the frozen ones
         feats = torch.func.functional_call(ctx.model, weights, (x, client_prompts(tensors)), {"prepared": True})
     else:
-        feats = backbone_features(ctx, ctx.model.embed(x), tensors)
+        feats = ctx.model.features_with(ctx.model.embed(x), tensors)
     return head_logits(feats, tensors)
 
-
-def backbone_features(ctx: ClientContext, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Embedded inputs (``model.embed``) -> pooled features under the adapter tensors (frozen backbone)."""
-    if "deep_prompts" in tensors:
-        return ctx.model.features(tokens, tensors["deep_prompts"])
-    return ctx.model.features_with(tokens, tensors)
 
 
 def token_logits(ctx: ClientContext, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """Embedded tokens (``model.embed``) -> logits; only while the backbone's weights are frozen."""
-    return head_logits(backbone_features(ctx, tokens, tensors), tensors)
+    return head_logits(ctx.model.features_with(tokens, tensors), tensors)
 
 
 def cacheable(tensors: dict[str, torch.Tensor]) -> bool:
@@ -181,7 +175,7 @@ def frozen_features(ctx: ClientContext, x: torch.Tensor, tensors: dict[str, torc
     """Features of every row of ``x`` under the current backbone tensors, from the process cache
     (None when run.cache is off). Only valid while those tensors are not being trained."""
     return cache.frozen_features(ctx.cfg.run, ctx.model, x, non_head_tensors(tensors),
-                                 lambda t: backbone_features(ctx, t, tensors))
+                                 lambda t: ctx.model.features_with(t, tensors))
 
 
 def fit(
@@ -243,7 +237,7 @@ def evaluate(ctx: ClientContext, tensors: dict[str, torch.Tensor]) -> tuple[floa
     else:
         feats = frozen_features(ctx, ctx.data.x_test, tensors)
         if feats is None:
-            feats = backbone_features(ctx, ctx.model.embed(ctx.model.prepare(ctx.data.x_test)), tensors)
+            feats = ctx.model.features_with(ctx.model.embed(ctx.model.prepare(ctx.data.x_test)), tensors)
         out = head_logits(feats, tensors)
     loss = float(F.cross_entropy(out, ctx.data.y_test))
     acc = float((out.argmax(1) == ctx.data.y_test).float().mean())

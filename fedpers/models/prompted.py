@@ -97,8 +97,9 @@ class PromptedViT(nn.Module):
         return vit.forward_head(x, pre_logits=True)
 
     def features_with(self, tokens: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The adapted-backbone interface (see fedpers.models.backbones): prompts by name."""
-        return self.features(tokens, tensors["prompts"])
+        """The adapted-backbone interface (see fedpers.models.backbones): prompts by name, deep
+        prompts (depth, K, D) when the client trains them."""
+        return self.features(tokens, tensors["deep_prompts"] if "deep_prompts" in tensors else tensors["prompts"])
 
     def features_per_row(self, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """Shallow prompts, one set per row: prompts (N, K, D). Clients with different prompts then share
