@@ -99,7 +99,7 @@ def run_child(module_args: list[str], timeout_s: float = 1800.0) -> dict:
 def register_synthetic(num_images: int) -> str:
     """A class-conditional 8x8 image dataset of ``num_images`` (prototype + noise), registered in this
     process only: the memory benchmark needs ~20 samples for each of 1,000 clients (digits has 1,348)."""
-    from fedpers.data.datasets import _to_hf, list_datasets, register_dataset
+    from fedpers.data.datasets import _to_hf, list_datasets, make_synthetic_images, register_dataset
 
     name = f"bench_synthetic_{num_images}"
     if name in list_datasets():
@@ -107,11 +107,7 @@ def register_synthetic(num_images: int) -> str:
 
     @register_dataset(name, num_classes=10, image_shape=(1, 8, 8), description="benchmark-only synthetic images")
     def load(path=None):
-        rng = np.random.default_rng(0)
-        protos = rng.uniform(0, 1, size=(10, 1, 8, 8)).astype(np.float32)
-        labels = np.arange(num_images) % 10
-        images = np.clip(protos[labels] + 0.3 * rng.standard_normal((num_images, 1, 8, 8)), 0, 1).astype(np.float32)
-        return _to_hf(images, labels.astype(np.int64))
+        return _to_hf(*make_synthetic_images(num_images))
 
     return name
 
@@ -169,9 +165,25 @@ def memory_child(num_clients: int, rounds: int) -> dict:
     # Growth after the first round: round 1 fills the caches and the personal-state dict once.
     later = per_round[1:]
     growth = (later[-1] - later[0]) / (len(later) - 1) if len(later) > 1 else None
+    # The run keeps its per-round results history in memory (every client's metrics, for the summary and
+    # for checkpoints): that share of the growth is by design, the rest is the engine's.
+    history = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    history_mb = deep_sizeof(history[1:]) / 2**20 / max(1, len(history) - 1)
     return {"clients": num_clients, "rounds": rounds, "peak_rss_mb": status["peak_rss_mb"],
             "rss_before_run_mb": before, "rss_after_each_round_mb": [round(v, 2) for v in per_round],
-            "growth_mb_per_round_after_round1": growth, "wall_s": wall}
+            "growth_mb_per_round_after_round1": growth, "results_history_mb_per_round": history_mb,
+            "growth_mb_per_round_without_history": None if growth is None else growth - history_mb,
+            "wall_s": wall}
+
+
+def deep_sizeof(obj) -> int:
+    """Bytes of a JSON-like object (dicts, lists, strings, numbers) and everything it holds."""
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        size += sum(deep_sizeof(k) + deep_sizeof(v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        size += sum(deep_sizeof(v) for v in obj)
+    return size
 
 
 def prompts_from_layer(model, layer: int):

@@ -6,15 +6,26 @@ as Flower keeps it in each node's context, and holds only the small personal ten
 the frozen backbone are loaded once per process and indexed per client (as in every engine).
 
 Speed comes from what it does not do (per-message machinery), from the exact caches in
-``fedpers.cache`` (shared with the Flower engine's workers) and, with ``run.batch_clients``, from
-training a round's clients together (``fedpers.batched``).
+``fedpers.cache`` (shared with the Flower engine's workers), with ``run.workers=N`` from training a
+round's clients in N processes (each with its share of the cores: small clients cannot keep many
+threads busy in one forward pass), and with ``run.batch_clients`` from training a round's clients
+together (``fedpers.batched``; meant for GPUs).
+
+With workers, client state still lives here and travels with each call (it is only the personal
+tensors); each worker loads the data and the backbone once and keeps its own exact caches. A worker
+that dies fails its pending clients for that round (recorded like any failed client) and the pool is
+restarted for the next round. The fast engine does not enforce ``run.client_timeout_s``.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
+import torch
 
 from fedpers.client import client_round, make_context, privatize_reply
 from fedpers.config import ExperimentConfig
@@ -29,19 +40,72 @@ class InProcessTransport:
         self.cfg = cfg
         self.states: dict[int, dict[str, np.ndarray]] = {}
         self._warned = False
+        self._pool: ProcessPoolExecutor | None = None
 
     def exchange(self, server_round: int, payloads: dict[int, dict[str, np.ndarray]], timeout: float):
         if self.cfg.run.batch_clients and payloads:
             return self._exchange_batched(server_round, payloads)
+        if self.cfg.run.workers > 1 and payloads:
+            return self._exchange_pool(server_round, payloads)
         return {pid: self._one(server_round, pid, arrays) for pid, arrays in payloads.items()}
 
+    def _exchange_pool(self, server_round: int, payloads: dict[int, dict[str, np.ndarray]]):
+        """Clients whose worker died (between rounds, or under them) are retried once on a fresh pool;
+        a client that takes its worker down twice fails for this round."""
+        out: dict[int, Reply | Failure] = {}
+        todo = dict(payloads)
+        for attempt in (1, 2):
+            died = self._run_pool(server_round, todo, out)
+            if not died:
+                break
+            log.warning("a fast-engine worker process died in round %s (clients %s); restarting the pool%s",
+                        server_round, sorted(died), "" if attempt == 2 else " and retrying them")
+            self.close()
+            todo = {pid: payloads[pid] for pid in died}
+        return {pid: out[pid] for pid in payloads}
+
+    def _run_pool(self, server_round: int, payloads: dict[int, dict[str, np.ndarray]],
+                  out: dict[int, Reply | Failure]) -> list[int]:
+        """Run ``payloads`` on the pool into ``out``; the clients whose worker died (Failure in ``out``)."""
+        if self._pool is None:
+            n = self.cfg.run.workers
+            threads = max(1, torch.get_num_threads() // n)
+            log.info("fast engine: %d worker processes x %d torch threads", n, threads)
+            self._pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_worker, initargs=(threads,))
+        died = []
+        futures = {}
+        for pid, arrays in payloads.items():
+            try:
+                futures[pid] = self._pool.submit(_remote_round, self.cfg, pid, server_round, arrays,
+                                                 self.states.get(pid, {}))
+            except BrokenProcessPool as e:
+                died.append(pid)
+                out[pid] = Failure(pid, "error", f"worker process died: {e}")
+        for pid, fut in futures.items():
+            try:
+                result = fut.result()
+            except BrokenProcessPool as e:
+                died.append(pid)
+                out[pid] = Failure(pid, "error", f"worker process died: {e}")
+                continue
+            if isinstance(result, Failure):
+                out[pid] = result
+            else:
+                out[pid], self.states[pid] = result
+        return died
+
+    def close(self) -> None:
+        """Stop the worker processes (if any); the transport can still be used (they restart)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
     def _one(self, server_round: int, pid: int, arrays: dict[str, np.ndarray]) -> Reply | Failure:
-        try:
-            reply, state = client_round(self.cfg, pid, server_round, arrays, self.states.get(pid, {}))
-        except Exception as e:  # a failing client must not stop the round; its reason is recorded
-            log.exception("client %s failed in round %s", pid, server_round)
-            return Failure(pid, "error", f"{type(e).__name__}: {e}")
-        self.states[pid] = state
+        result = _remote_round(self.cfg, pid, server_round, arrays, self.states.get(pid, {}))
+        if isinstance(result, Failure):
+            return result
+        reply, self.states[pid] = result
         return reply
 
     def _exchange_batched(self, server_round: int, payloads: dict[int, dict[str, np.ndarray]]):
@@ -83,3 +147,18 @@ class InProcessTransport:
 
     def load_state_dict(self, states: dict[int, dict[str, np.ndarray]]) -> None:
         self.states = {int(pid): {k: np.array(v, copy=True) for k, v in s.items()} for pid, s in states.items()}
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+
+
+def _remote_round(cfg: ExperimentConfig, pid: int, server_round: int, arrays: dict[str, np.ndarray],
+                  state: dict[str, np.ndarray]):
+    """One client round (in this process or a worker): (Reply, new state), or a Failure naming the exception."""
+    try:
+        return client_round(cfg, pid, server_round, arrays, state)
+    except Exception as e:  # a failing client must not stop the round; its reason is recorded
+        log.exception("client %s failed in round %s", pid, server_round)
+        return Failure(pid, "error", f"{type(e).__name__}: {e}")

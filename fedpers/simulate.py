@@ -65,7 +65,11 @@ def run(cfg: ExperimentConfig) -> dict:
         from fedpers.engine import InProcessTransport
         from fedpers.server import run_server
 
-        return run_server(cfg, InProcessTransport(cfg))
+        transport = InProcessTransport(cfg)
+        try:
+            return run_server(cfg, transport)
+        finally:
+            transport.close()
     from fedpers.flower.simulation import run_flower_simulation
 
     return run_flower_simulation(cfg)

@@ -60,3 +60,20 @@ def test_rgb_dataset_end_to_end_on_a_stock_timm_vit(cifar_like, tmp_path):
 def test_hub_dataset_offline_says_how_to_use_a_local_copy():
     with pytest.raises(DataError, match="data.path"):
         build_federated(DataConfig(dataset="cifar100"), 2, 0)
+
+
+def test_synthetic_images_are_deterministic_balanced_and_separable():
+    from fedpers.data.datasets import get_dataset_info
+
+    info = get_dataset_info("synthetic_images")
+    a, b = info.loader(), info.loader()
+    assert len(a) == 4000 and info.image_shape == (1, 8, 8) and info.num_classes == 10
+    x = np.asarray(a.with_format("numpy")["image"])
+    y = np.asarray(a.with_format("numpy")["label"])
+    assert x.shape == (4000, 1, 8, 8) and x.min() >= 0 and x.max() <= 1
+    assert np.bincount(y).tolist() == [400] * 10
+    np.testing.assert_array_equal(x, np.asarray(b.with_format("numpy")["image"]))
+    # Classes differ by their prototypes: the class means are far apart relative to the noise.
+    means = np.stack([x[y == c].mean(0).ravel() for c in range(10)])
+    gaps = np.linalg.norm(means[:, None] - means[None], axis=-1)[~np.eye(10, dtype=bool)]
+    assert gaps.min() > 1.0

@@ -88,6 +88,31 @@ def load_digits_federated(path: str | None = None):
     return _to_hf(images[keep], labels[keep])
 
 
+def make_synthetic_images(num_images: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """SYNTHETIC 8x8 grayscale images of 10 classes: a fixed random prototype per class plus Gaussian
+    noise (std 0.3), clipped to [0, 1]; labels cycle 0..9. Deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    protos = rng.uniform(0, 1, size=(10, 1, 8, 8)).astype(np.float32)
+    labels = np.arange(num_images) % 10
+    noise = 0.3 * rng.standard_normal((num_images, 1, 8, 8))
+    return np.clip(protos[labels] + noise, 0, 1).astype(np.float32), labels.astype(np.int64)
+
+
+SYNTHETIC_IMAGES = 4000
+
+
+@register_dataset(
+    "synthetic_images",
+    num_classes=10,
+    image_shape=(1, 8, 8),
+    description=f"SYNTHETIC: {SYNTHETIC_IMAGES:,} 8x8 images of 10 classes (a random prototype per class plus "
+    "noise), shaped like digits so the default backbone takes them. For benchmarks with many clients "
+    "(e.g. 200 clients x 20 samples) that digits is too small for; not a benchmark of accuracy. Offline.",
+)
+def load_synthetic_images(path: str | None = None):
+    return _to_hf(*make_synthetic_images(SYNTHETIC_IMAGES))
+
+
 def open_split(path: str, split: str, columns: tuple[str, ...]):
     """One split of a hub dataset (``datasets.load_dataset``, needs internet) or of a local
     ``save_to_disk`` folder, checked to have ``columns``."""
