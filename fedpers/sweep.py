@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from fedpers.config import ConfigError, ExperimentConfig, from_layers, to_yaml
+from fedpers.config import ConfigError, ExperimentConfig, from_layers, from_yaml, to_yaml
 
 log = logging.getLogger("fedpers")
 
@@ -148,9 +148,19 @@ def _deep(a: dict, b: dict) -> dict:
 
 
 def is_done(cell: Cell) -> bool:
-    """Finished with the same resolved config (a changed grid re-runs the cells it changed)."""
+    """Finished with the same resolved config (a changed grid re-runs the cells it changed). A config
+    saved before a field existed counts as having that field's default, so adding a config field to
+    fedpers does not re-run a finished grid; a cell that now sets it to another value does re-run."""
     summary, saved = cell.out / "summary.json", cell.out / "config.yaml"
-    return summary.is_file() and saved.is_file() and saved.read_text() == to_yaml(cell.cfg)
+    if not (summary.is_file() and saved.is_file()):
+        return False
+    text, now = saved.read_text(), to_yaml(cell.cfg)
+    if text == now:
+        return True
+    try:
+        return to_yaml(from_yaml(text)) == now
+    except ConfigError:  # a field it set no longer exists (or no longer validates)
+        return False
 
 
 def row_of(cell: Cell, status: str, error: str = "") -> dict:

@@ -32,6 +32,11 @@ def test_smoke_grid_writes_results_and_resumes(tmp_path, monkeypatch, capsys):
         raise AssertionError("a finished cell was re-run")
 
     monkeypatch.setattr(simulate, "run", boom)
+    # A config saved before a field existed (here: run.workers) counts as having its default.
+    saved = Path(rows[0]["output_dir"]) / "config.yaml"
+    text = saved.read_text()
+    assert "  workers: 1\n" in text
+    saved.write_text(text.replace("  workers: 1\n", ""))
     assert sweep.main([str(SMOKE), "--output-dir", str(out), "--no-progress"]) == 0
     assert list(csv.DictReader((out / "runs.csv").open())) == rows
     # A changed config re-runs its cells (and a failing cell is recorded, not fatal).
