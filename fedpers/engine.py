@@ -12,9 +12,10 @@ threads busy in one forward pass), and with ``run.batch_clients`` from training 
 together (``fedpers.batched``; meant for GPUs).
 
 With workers, client state still lives here and travels with each call (it is only the personal
-tensors); each worker loads the data and the backbone once and keeps its own exact caches. A worker
-that dies fails its pending clients for that round (recorded like any failed client) and the pool is
-restarted for the next round. The fast engine does not enforce ``run.client_timeout_s``.
+tensors); each worker loads the data and the backbone once and keeps its own exact caches. When a
+worker dies, the pool is restarted and the clients it took down are retried once; a client that kills
+its worker again is recorded as failed for that round. The fast engine does not enforce
+``run.client_timeout_s``.
 """
 
 from __future__ import annotations
