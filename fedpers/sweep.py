@@ -201,6 +201,23 @@ def _sci(x: float) -> str:
     return f"{x:.3g}" if x < 1e4 else f"{x:.2e}"
 
 
+def _pivot(ok: list[dict], parts: list[str], strats: list[str], key: str, name: str) -> list[str]:
+    """One line per strategy, one column per partition setting: mean ± std over seeds of ``key``."""
+    lines = [f"## {name} by partition setting (%)", "", "| strategy | bytes/round | " + " | ".join(parts) + " |",
+             "|---|---|" + "---|" * len(parts)]
+    for s in strats:
+        rs = [r for r in ok if r["strategy"] == s]
+        if not rs:
+            continue
+        cells = [_fmt([r[key] for r in rs if r["partition"] == p]) for p in parts]
+        lines.append(f"| {s} | {_sci(float(np.mean([r['bytes_per_round'] for r in rs])))} | " + " | ".join(cells) + " |")
+    seeds = {(r["partition"], r["strategy"]): 0 for r in ok}
+    for r in ok:
+        seeds[(r["partition"], r["strategy"])] += 1
+    counts = sorted(set(seeds.values()))
+    return lines + ["", f"Seeds per cell: {', '.join(map(str, counts))}.", ""]
+
+
 def write_table(rows: list[dict], path: Path, title: str) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
     parts = list(dict.fromkeys(r["partition"] for r in rows))
@@ -210,6 +227,9 @@ def write_table(rows: list[dict], path: Path, title: str) -> str:
               "clients after personalizing from the trained server state. params/bytes: per client and round, "
               "down + up.")
     lines = [f"# {title}", "", legend, ""]
+    for key, name in (("accuracy_mean", "accuracy"), ("accuracy_worst10", "worst-10%"),
+                      ("unseen_accuracy_mean", "unseen-client accuracy")):
+        lines += _pivot(ok, parts, strats, key, name)
     for p in parts:
         lines += [f"## {p}", "", "| strategy | seeds | accuracy | worst-10% | unseen | params/round | bytes/round |",
                   "|---|---|---|---|---|---|---|"]

@@ -23,6 +23,9 @@ def test_smoke_grid_writes_results_and_resumes(tmp_path, monkeypatch, capsys):
         assert (Path(r["output_dir"]) / "summary.json").is_file()
     table = (out / "table.md").read_text()
     assert "| fedvpt | 1 |" in table and "| pfedpg_fast | 1 |" in table and "## dir1.0" in table
+    pivot = table.split("## worst-10% by partition setting")[0].split("## accuracy by partition setting (%)")[1]
+    acc = {r["strategy"]: f"{100 * float(r['accuracy_mean']):.1f} ± 0.0" for r in rows}
+    assert all(f"| {s} | " in pivot and acc[s] in pivot for s in acc), pivot
     assert (out / "plots/accuracy_by_strategy.png").is_file() and (out / "plots/accuracy_vs_bytes.png").is_file()
 
     # Resume: finished cells are not run again.
