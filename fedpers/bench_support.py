@@ -150,10 +150,14 @@ def memory_child(num_clients: int, rounds: int) -> dict:
     before = read_proc_status()["rss_mb"]
     per_round: list[float] = []
 
+    trimmed: list[float] = []
+
     class Recording(InProcessTransport):
         def exchange(self, server_round, payloads, timeout):
             replies = super().exchange(server_round, payloads, timeout)
             per_round.append(read_proc_status()["rss_mb"])
+            if malloc_trim():  # RSS once the C allocator has returned its free pages: memory in use
+                trimmed.append(read_proc_status()["rss_mb"])
             return replies
 
     t0 = time.perf_counter()
@@ -165,15 +169,29 @@ def memory_child(num_clients: int, rounds: int) -> dict:
     # Growth after the first round: round 1 fills the caches and the personal-state dict once.
     later = per_round[1:]
     growth = (later[-1] - later[0]) / (len(later) - 1) if len(later) > 1 else None
-    # The run keeps its per-round results history in memory (every client's metrics, for the summary and
-    # for checkpoints): that share of the growth is by design, the rest is the engine's.
+    growth_trimmed = (trimmed[-1] - trimmed[1]) / (len(trimmed) - 2) if len(trimmed) > 2 else None
+    # The run keeps a per-round results history in memory (the rows of metrics.jsonl without the
+    # per-client metrics, for the summary): that share of the growth is by design, the rest is the engine's.
     history = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    history = [{k: v for k, v in row.items() if k != "clients"} for row in history]
     history_mb = deep_sizeof(history[1:]) / 2**20 / max(1, len(history) - 1)
     return {"clients": num_clients, "rounds": rounds, "peak_rss_mb": status["peak_rss_mb"],
             "rss_before_run_mb": before, "rss_after_each_round_mb": [round(v, 2) for v in per_round],
             "growth_mb_per_round_after_round1": growth, "results_history_mb_per_round": history_mb,
             "growth_mb_per_round_without_history": None if growth is None else growth - history_mb,
+            "rss_after_malloc_trim_mb": [round(v, 2) for v in trimmed],
+            "growth_mb_per_round_after_malloc_trim": growth_trimmed,
             "wall_s": wall}
+
+
+def malloc_trim() -> bool:
+    """Ask glibc to return free heap pages to the OS (Linux); False where that is not available."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+    except (OSError, AttributeError):
+        return False
 
 
 def deep_sizeof(obj) -> int:

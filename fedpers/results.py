@@ -39,6 +39,10 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _lean(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "clients"}
+
+
 class Ledger:
     def __init__(self, cfg: ExperimentConfig, strategy, resume: dict | None = None):
         """``resume``: a :meth:`state_dict` from a checkpoint; its rows replace metrics.jsonl, so rows
@@ -49,9 +53,12 @@ class Ledger:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.metrics_path = self.out / "metrics.jsonl"
-        self.rows: list[dict] = [dict(r) for r in (resume or {}).get("rows", [])]
+        rows = (resume or {}).get("rows", [])
         self.last_acc: dict[int, float] = {int(k): v for k, v in (resume or {}).get("last_acc", {}).items()}
-        self.metrics_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+        self.metrics_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        # metrics.jsonl is the full record; memory keeps each round without its per-client metrics, so a
+        # run with many clients does not grow by a dict per client per round.
+        self.rows: list[dict] = [_lean(r) for r in rows]
         self.unseen: dict | None = None
         self.params_down = sum(int(np.prod(s)) for k, s in strategy.shapes.items() if k in strategy.sends)
         self.params_up = sum(int(np.prod(s)) for s in strategy.reply_spec().values())
@@ -59,7 +66,8 @@ class Ledger:
         self.t0 = time.perf_counter() - (self.rows[-1]["wall_time_s"] if self.rows else 0.0)
 
     def state_dict(self) -> dict:
-        return {"rows": [dict(r) for r in self.rows], "last_acc": {str(k): v for k, v in self.last_acc.items()}}
+        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+        return {"rows": rows, "last_acc": {str(k): v for k, v in self.last_acc.items()}}
 
     def record_round(self, server_round: int, *, sampled: list[int], ok: list[Reply], failed: list[Failure],
                      applied: bool, bytes_down: dict[int, int], server_metrics: dict, seconds: float) -> dict:
@@ -97,7 +105,7 @@ class Ledger:
             "round_time_s": seconds,
             "wall_time_s": time.perf_counter() - self.t0,
         }
-        self.rows.append(row)
+        self.rows.append(_lean(row))
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
         return row
