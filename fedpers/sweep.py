@@ -348,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-dir", help="results folder (replaces the grid's output_dir)")
     ap.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--report-only", action="store_true",
+                    help="write runs.csv, table.md and plots from the finished cells; run nothing (the rest are listed as missing)")
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     only = {k: getattr(args, k).split(",") for k in ("strategies", "partitions", "seeds") if getattr(args, k)}
@@ -361,7 +363,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'done' if is_done(c) else 'todo'}  {c.out}")
         return 0
     t0 = time.perf_counter()
-    rows = run_grid(out_dir, cells, progress=not args.no_progress)
+    if args.report_only:
+        rows = [row_of(c, "ok") if is_done(c) else row_of(c, "missing", "not run") for c in cells]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(rows, out_dir / "runs.csv")
+    else:
+        rows = run_grid(out_dir, cells, progress=not args.no_progress)
     wall = time.perf_counter() - t0
     title = f"{Path(args.grid).name}: {len(cells)} cells"
     print(write_table(rows, out_dir / "table.md", title))

@@ -42,6 +42,12 @@ def test_smoke_grid_writes_results_and_resumes(tmp_path, monkeypatch, capsys):
     saved.write_text(text.replace("  workers: 1\n", ""))
     assert sweep.main([str(SMOKE), "--output-dir", str(out), "--no-progress"]) == 0
     assert list(csv.DictReader((out / "runs.csv").open())) == rows
+    # --report-only runs nothing and lists what is not finished.
+    assert sweep.main([str(SMOKE), "--output-dir", str(out), "--no-progress", "--report-only", "--seeds", "0,7"]) == 1
+    report = list(csv.DictReader((out / "runs.csv").open()))
+    assert [(r["strategy"], r["seed"], r["status"]) for r in report] == [
+        ("fedvpt", "0", "ok"), ("fedvpt", "7", "missing"), ("pfedpg_fast", "0", "ok"), ("pfedpg_fast", "7", "missing")]
+    assert "Failed or missing cells" in (out / "table.md").read_text()
     # A changed config re-runs its cells (and a failing cell is recorded, not fatal).
     assert sweep.main([str(SMOKE), "--output-dir", str(out), "--no-progress", "--strategies", "fedvpt",
                        "client.lr=0.01"]) == 1
