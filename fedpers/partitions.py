@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from fedpers.config import ConfigError, describe_fields, load_config
+from fedpers.config import ConfigError, load_config
+from fedpers.docs import describe_fields
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,8 @@ import logging
 import sys
 import time
 
-from fedpers.config import ConfigError, ExperimentConfig, describe_fields, load_config, to_yaml
+from fedpers.config import ConfigError, ExperimentConfig, load_config, to_yaml
+from fedpers.docs import describe_fields
 
 USAGE = """Run a federated personalization simulation.
 

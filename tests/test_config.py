@@ -123,7 +123,7 @@ def test_default_yaml_is_the_default():
 
 def test_config_reference_is_up_to_date():
     """docs/config.md documents every field; regenerate it with `python -m fedpers.docs`."""
-    from fedpers.config import field_rows, fields_markdown
+    from fedpers.docs import field_rows, fields_markdown
     from fedpers.docs import CONFIG_DOC
 
     assert CONFIG_DOC.read_text() == fields_markdown(), "docs/config.md is stale: run python -m fedpers.docs"
