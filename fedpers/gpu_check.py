@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("tests", "bench", "vit_b16_round")
 
 
 def _child(args: list[str], timeout_s: float, env: dict | None = None) -> dict:
@@ -146,17 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.vit_child:
         print("VIT_RESULT " + json.dumps(vit_b16_round(args.device, args.quick, args.backbone)))
         return 0
+    parts = args.parts.split(",")
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        print(f"error: --parts: unknown part {unknown[0]!r}; allowed: {', '.join(PARTS)}", file=sys.stderr)
+        return 2
     from fedpers.bench_support import machine
 
     result: dict = {"machine": machine(), "device": args.device, "quick": args.quick}
-    parts = args.parts.split(",")
     with tempfile.TemporaryDirectory(prefix="fedpers-gpu-check-") as d:
         for name in parts:
             if name == "tests":
                 result[name] = part_tests(args.device, args.timeout_s)
             elif name == "bench":
                 result[name] = part_bench(args.device, args.quick, args.timeout_s, Path(d))
-            elif name == "vit_b16_round":
+            else:
                 res = _child([sys.executable, "-m", "fedpers.gpu_check", "--vit-child", "--device", args.device,
                               "--backbone", args.backbone]
                              + (["--quick"] if args.quick else []), args.timeout_s)
@@ -165,9 +170,6 @@ def main(argv: list[str] | None = None) -> int:
                     res.update(json.loads(line[-1][len("VIT_RESULT "):]))
                     res.pop("tail")
                 result[name] = res
-            else:
-                print(f"error: --parts: unknown part {name!r}; allowed: tests, bench, vit_b16_round", file=sys.stderr)
-                return 2
             print(f"{name}: done in {result[name].get('seconds')} s", file=sys.stderr, flush=True)
             if args.output:
                 Path(args.output).write_text(json.dumps(result, indent=2, default=float) + "\n")
