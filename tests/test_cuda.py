@@ -70,7 +70,7 @@ def test_vit_b16_batched_round_on_device(tmp_path):
     strategy = build_strategy(cfg)
     payloads = strategy.configure(1, [0, 1])
     replies = InProcessTransport(cfg).exchange(1, payloads, 600.0)
-    for pid, reply in replies.items():
+    for reply in replies.values():
         delta = reply.arrays["delta/prompts"]
         assert delta.shape == (cfg.model.num_prompts, 768)
         assert np.isfinite(delta).all() and np.abs(delta).max() > 0
