@@ -19,7 +19,8 @@ def test_gpu_check_round_part_on_cpu_writes_its_figures(tmp_path):
     assert r["clients"] == 4 and r["train_samples"] > 0
     # The "device" here is the CPU itself, so the batched round and the CPU reference are the same
     # computation: any difference would mean the comparison pairs the wrong clients or tensors.
-    assert r["delta_rel_diff_vs_cpu_max"] == 0.0
+    assert r["rel_diff_vs_cpu_max"] == 0.0 and len(r["rel_diff_vs_cpu"]) == 2 * 3  # delta/prompts + head
+    assert abs(r["prompt_delta_cosine_to_prompts"]) < 0.99  # trained, not only decayed
 
 
 def test_gpu_check_rejects_an_unknown_part(tmp_path):
