@@ -61,7 +61,11 @@ class FlowerTransport:
                 ]
                 for reply in self.grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
                     if not reply.has_error() and "info" in reply.content:
-                        pid = int(reply.content["info"]["partition-id"])
+                        pid = reply.content["info"].get("partition-id")
+                        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < num_clients:
+                            log.warning("node %s claims partition-id %r, not one of 0..%d; ignored",
+                                        reply.metadata.src_node_id, pid, num_clients - 1)
+                            continue
                         if pid in mapping:
                             raise FlowerRunError(f"two nodes claim partition-id {pid}")
                         mapping[pid] = reply.metadata.src_node_id
@@ -97,18 +101,24 @@ class FlowerTransport:
                 out[pid] = Failure(pid, "error", reply.error.reason)
                 continue
             try:
-                metrics = dict(reply.content["metrics"])
-                out[pid] = Reply(
-                    partition_id=int(metrics.pop("partition_id")),
-                    arrays=_from_record(reply.content["arrays"]),
-                    num_examples=int(metrics.pop("num_examples")),
-                    metrics={k: float(v) for k, v in metrics.items()},
-                )
-            except (KeyError, TypeError, ValueError) as e:
+                out[pid] = _reply_of(reply)
+            except Exception as e:  # whatever one client sent, it costs only its own reply, never the run
                 out[pid] = Failure(pid, "invalid", f"malformed message: {type(e).__name__}: {e}")
         for pid in payloads:
             out.setdefault(pid, Failure(pid, "timeout", f"no reply within run.client_timeout_s={timeout}"))
         return out
+
+
+def _reply_of(msg: Message) -> Reply:
+    """A reply message as a :class:`Reply`. ``partition_id`` and ``num_examples`` keep the type the
+    client sent (no ``int()``: that would truncate 5.9 to 5 and raise OverflowError on inf), so
+    ``validate_reply`` rejects anything that is not an integer."""
+    metrics = dict(msg.content["metrics"])
+    pid, n = metrics.pop("partition_id"), metrics.pop("num_examples")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        raise TypeError(f"partition_id {pid!r} is not an integer")
+    return Reply(partition_id=pid, arrays=_from_record(msg.content["arrays"]), num_examples=n,
+                 metrics={k: float(v) for k, v in metrics.items()})
 
 
 def config_from_run_config(run_config: dict) -> ExperimentConfig:
@@ -146,8 +156,15 @@ def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = N
         try:
             from fedpers.server import run_server
 
+            from fedpers import safety
+
             c = cfg if cfg is not None else config_from_run_config(context.run_config)
+            if cfg is None:  # deployment: the checks simulate.run makes before a simulation
+                safety.claim_output_dir(c)
+                safety.check_memory(c)
             summary = run_server(c, FlowerTransport(grid, c))
+            if cfg is None:
+                safety.check_outcome(summary)
         except BaseException as e:
             if result is not None:
                 result["error"] = e
