@@ -27,6 +27,7 @@ MODALITIES = ("vision", "text")
 ADAPTERS = ("prompt", "prefix", "lora")
 ENGINES = ("flower", "fast", "inprocess")
 DEVICES = ("cpu", "cuda", "cuda:N")
+SECTIONS = ("run", "data", "model", "client", "dp", "strategy")
 
 
 class ConfigError(ValueError):
@@ -224,6 +225,10 @@ def from_layers(layers: list[Any]) -> ExperimentConfig:
     for layer in layers:
         layer = OmegaConf.create(layer) if not isinstance(layer, DictConfig) else layer
         layer = layer.copy()
+        for key in SECTIONS:  # "run: 3" would otherwise be an anonymous omegaconf merge error
+            v = layer.get(key) if isinstance(layer, DictConfig) else None
+            _require(v is None or isinstance(v, DictConfig), key,
+                     f"must be a mapping of {key}.* fields, got {type(v).__name__}: {v!r}")
         if "strategy" in layer:
             strategy_layers.append(layer.pop("strategy"))
         try:

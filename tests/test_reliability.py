@@ -207,9 +207,11 @@ def test_claimed_num_examples_is_capped(tmp_path):
 def test_run_with_no_applied_round_exits_non_zero(tmp_path, monkeypatch, capsys):
     import fedpers.engine
 
+    real = fedpers.engine.InProcessTransport
+
     class AllRaise(FaultyTransport):
         def __init__(self, cfg):
-            super().__init__(fedpers.engine.InProcessTransport(cfg), {(p, None): "raise" for p in range(3)})
+            super().__init__(real(cfg), {(p, None): "raise" for p in range(3)})
 
         def close(self):
             self.inner.close()

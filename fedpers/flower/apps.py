@@ -52,8 +52,9 @@ class FlowerTransport:
         """Node ids are random per run: ask every node for its partition id."""
         deadline = time.monotonic() + timeout_s
         mapping: dict[int, int] = {}
+        refused: set[int] = set()  # nodes whose data folder is unusable: asked once, then left out
         while time.monotonic() < deadline:
-            nodes = [n for n in self.grid.get_node_ids() if n not in mapping.values()]
+            nodes = [n for n in self.grid.get_node_ids() if n not in mapping.values() and n not in refused]
             if nodes:
                 msgs = [
                     Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n, group_id="discover")
@@ -62,6 +63,11 @@ class FlowerTransport:
                 for reply in self.grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
                     if not reply.has_error() and "info" in reply.content:
                         pid = reply.content["info"].get("partition-id")
+                        if "data-error" in reply.content["info"]:
+                            log.error("partition %s: the node's data folder is unusable, node ignored: %s", pid,
+                                      reply.content["info"]["data-error"])
+                            refused.add(reply.metadata.src_node_id)
+                            continue
                         if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < num_clients:
                             log.warning("node %s claims partition-id %r, not one of 0..%d; ignored",
                                         reply.metadata.src_node_id, pid, num_clients - 1)
@@ -69,7 +75,7 @@ class FlowerTransport:
                         if pid in mapping:
                             raise FlowerRunError(f"two nodes claim partition-id {pid}")
                         mapping[pid] = reply.metadata.src_node_id
-            if len(mapping) >= num_clients:
+            if len(mapping) + len(refused) >= num_clients:
                 break
             time.sleep(0.5)
         missing = sorted(set(range(num_clients)) - set(mapping))
@@ -203,7 +209,27 @@ def _device_data(context: Context, cfg: ExperimentConfig, pid: int):
 
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
-    return Message(RecordDict({"info": ConfigRecord({"partition-id": _partition_id(context)})}), reply_to=msg)
+    info = {"partition-id": _partition_id(context)}
+    problem = _data_problem(context)
+    if problem:  # the server names it and does not count on this node, instead of failing every round
+        info["data-error"] = problem
+    return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
+
+
+def _data_problem(context: Context) -> str:
+    """Why this node's data folder (``data-path``) is unusable, or "" (checked once, at discovery)."""
+    path = context.node_config.get("data-path")
+    if not path:
+        return ""
+    from fedpers.data import DataError
+    from fedpers.data.local import check_device_folder
+
+    try:
+        check_device_folder(str(path))
+    except DataError as e:
+        log.error("data-path: %s", e)
+        return str(e)
+    return ""
 
 
 @client_app.train()
