@@ -149,7 +149,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path} is not a fedpers checkpoint that can be loaded safely (it needs the "
                               f"general unpickler, which can run code; an older fedpers or another program "
                               f"wrote it): {str(e).splitlines()[0]}") from None
-    except Exception as e:  # truncated, not a torch file, a directory...: all unreadable
+    except Exception as e:  # noqa: BLE001 - truncated, not a torch file, a directory...: all unreadable
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__

@@ -76,7 +76,8 @@ def anything(draw):
     return Reply(draw(st.integers(0, 3)), arrs, draw(numbers), metrics)
 
 
-replies = lambda: st.one_of(near_valid(), anything())  # noqa: E731
+def replies():
+    return st.one_of(near_valid(), anything())
 
 
 def fresh_fedavg():

@@ -134,10 +134,10 @@ def test_yaml_syntax_and_shape_errors_name_the_file(tmp_path, capsys, text, wher
     assert where in err and ("c.yaml" in err or where == "run")
 
 
-@pytest.mark.parametrize("override, field", [("run.seed=-1", "run.seed"), ("client.lr=inf", "client.lr"),
-                                             ("client.lr=nan", "client.lr"), ("strategy.server_lr=inf", "strategy.server_lr"),
-                                             ("run.max_delta_norm=nan", "run.max_delta_norm"),
-                                             ("data.test_fraction=nan", "data.test_fraction")])
+@pytest.mark.parametrize("override, field", [
+    ("run.seed=-1", "run.seed"), ("client.lr=inf", "client.lr"), ("client.lr=nan", "client.lr"),
+    ("strategy.server_lr=inf", "strategy.server_lr"), ("run.max_delta_norm=nan", "run.max_delta_norm"),
+    ("data.test_fraction=nan", "data.test_fraction")])
 def test_non_finite_or_out_of_range_numbers_exit_2(tmp_path, capsys, override, field):
     assert simulate.main([*tiny_overrides(tmp_path / "o"), override, "--show-config"]) == 2
     assert f"'{field}'" in capsys.readouterr().err
@@ -184,7 +184,7 @@ def test_aggregate_that_overflows_is_rolled_back_naming_the_client(tmp_path):
     strategy = build_strategy(cfg)
     before = strategy.state_dict()
     summary = run_server(cfg, Stub(poison={1: 3e38}, examples={1: 1000}), strategy)
-    r1, r2 = rows(cfg)
+    r1, _ = rows(cfg)
     assert not r1["applied"] and r1["rejected"] == {"reason": "nonfinite_state", "partition_ids": [1]}
     assert summary["rolled_back_rounds"] == [1, 2] and summary["rounds_applied"] == 0
     for k, v in strategy.state_dict()["global"].items():

@@ -82,7 +82,7 @@ def _read_splits(root: Path, shape: tuple[int, int, int]) -> dict[str, tuple[np.
             return _read_saved(root, shape)
         except DataError:
             raise
-        except Exception as e:  # a partial or damaged copy: name it instead of failing in every round
+        except Exception as e:  # noqa: BLE001 - a partial or damaged copy: name it instead of failing in every round
             raise DataError(f"{root}: unreadable saved dataset (partial copy?): {type(e).__name__}: {e}") from None
     if (root / "train").is_dir() and (root / "test").is_dir():
         return {s: _image_folder(root / s, shape) for s in ("train", "test")}
@@ -129,7 +129,7 @@ def _image_folder(root: Path, shape) -> tuple[np.ndarray, np.ndarray]:
                 try:
                     with Image.open(f) as im:
                         xs.append(to_chw(im.copy(), shape))
-                except Exception as e:  # PIL raises many types; any of them means this one file is bad
+                except Exception as e:  # noqa: BLE001 - PIL raises many types; any of them means this one file is bad
                     raise DataError(f"{f}: not a readable image ({type(e).__name__}: {e})") from None
                 ys.append(label)
     if not xs:

@@ -108,7 +108,7 @@ class FlowerTransport:
                 continue
             try:
                 out[pid] = _reply_of(reply)
-            except Exception as e:  # whatever one client sent, it costs only its own reply, never the run
+            except Exception as e:  # noqa: BLE001 - whatever one client sent, it costs only its own reply, never the run
                 out[pid] = Failure(pid, "invalid", f"malformed message: {type(e).__name__}: {e}")
         for pid in payloads:
             out.setdefault(pid, Failure(pid, "timeout", f"no reply within run.client_timeout_s={timeout}"))
