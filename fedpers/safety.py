@@ -8,6 +8,7 @@ ServerApp), never in a ClientApp that merely parses the config the server sent.
 from __future__ import annotations
 
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def claim_output_dir(cfg: ExperimentConfig, overwrite: bool = False) -> None:
                                             f"or choose another run.output_dir")
     for name in ("checkpoint.pt", "summary.json"):
         (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "client_state", ignore_errors=True)  # the Flower simulation's per-node states
 
 
 def memory_lower_bound_bytes(cfg: ExperimentConfig) -> int:

@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -19,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpers.config import ConfigError, ExperimentConfig, from_layers, from_yaml, to_yaml
 from fedpers.faults import ENV_VAR, MALFORMED, InjectedFault, corrupt, env_fault
+from fedpers.flower import node_state
 from fedpers.payload import Failure, Reply
 
 log = logging.getLogger("fedpers")
@@ -42,9 +44,16 @@ def _from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 class FlowerTransport:
     """Round-trip payloads through a Flower Grid, addressing clients by partition id."""
 
-    def __init__(self, grid: Grid, cfg: ExperimentConfig, discovery_timeout_s: float = NODE_DISCOVERY_TIMEOUT_S):
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, discovery_timeout_s: float = NODE_DISCOVERY_TIMEOUT_S,
+                 state_dir: str = ""):
+        """``state_dir``: where nodes without their own ``state-dir`` keep personal state (the
+        simulation's ``<output_dir>/client_state``; see fedpers.flower.node_state)."""
+        import uuid
+
         self.grid = grid
         self.cfg_yaml = to_yaml(cfg)
+        self.state_dir = str(state_dir)
+        self.state_id = uuid.uuid4().hex  # replaced by the checkpoint's on resume (load_state_dict)
         self.pid_to_node = self._discover(cfg.run.num_clients, discovery_timeout_s)
         self.node_to_pid = {n: p for p, n in self.pid_to_node.items()}
 
@@ -95,7 +104,8 @@ class FlowerTransport:
                 continue
             content = RecordDict({
                 "arrays": _to_record(arrays),
-                "config": ConfigRecord({"server_round": server_round, "config_yaml": self.cfg_yaml}),
+                "config": ConfigRecord({"server_round": server_round, "config_yaml": self.cfg_yaml,
+                                        "state_id": self.state_id, "state_dir": self.state_dir}),
             })
             msgs.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node,
                                 group_id=str(server_round)))
@@ -114,6 +124,14 @@ class FlowerTransport:
             out.setdefault(pid, Failure(pid, "timeout", f"no reply within run.client_timeout_s={timeout}"))
         return out
 
+    # Checkpoints keep the id under which nodes store this run's personal states, so a resumed run
+    # finds them (the states themselves stay on the nodes).
+    def state_dict(self) -> dict:
+        return {"flower_state_id": self.state_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state_id = str(state["flower_state_id"])
+
 
 def _reply_of(msg: Message) -> Reply:
     """A reply message as a :class:`Reply`. ``partition_id`` and ``num_examples`` keep the type the
@@ -131,7 +149,6 @@ def config_from_run_config(run_config: dict) -> ExperimentConfig:
     """``flwr run --run-config``: ``config`` names a YAML file, ``overrides`` is a space-separated
     dotlist; any other key is taken as a dotted config field itself (simulation callers)."""
     import shlex
-    from pathlib import Path
 
     from omegaconf import OmegaConf
 
@@ -168,7 +185,8 @@ def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = N
             if cfg is None:  # deployment: the checks simulate.run makes before a simulation
                 safety.claim_output_dir(c)
                 safety.check_memory(c)
-            summary = run_server(c, FlowerTransport(grid, c))
+            state_dir = str(Path(c.run.output_dir) / "client_state") if cfg is not None else ""
+            summary = run_server(c, FlowerTransport(grid, c, state_dir=state_dir))
             if cfg is None:
                 safety.check_outcome(summary)
         except BaseException as e:
@@ -241,7 +259,11 @@ def train(msg: Message, context: Context) -> Message:
     cfg = device_floor(_parse_config(str(msg.content["config"]["config_yaml"])), dict(context.node_config))
     server_round = int(msg.content["config"]["server_round"])
     pid = _partition_id(context)
-    state = _from_record(context.state[STATE_KEY]) if STATE_KEY in context.state else {}
+    store = node_state.store_for(dict(context.node_config), dict(msg.content["config"]))
+    if store is not None:  # on disk: survives a resumed run and a restarted SuperNode
+        state = store.load(pid, server_round)
+    else:
+        state = _from_record(context.state[STATE_KEY]) if STATE_KEY in context.state else {}
     fault = env_fault(pid, server_round)  # fault drills only (FEDPERS_FAULTS); None otherwise
     if fault == "raise":
         raise InjectedFault(f"client {pid} raised in round {server_round} ({ENV_VAR})")
@@ -252,6 +274,8 @@ def train(msg: Message, context: Context) -> Message:
     if fault in MALFORMED:
         reply = corrupt(reply, fault)
     context.state[STATE_KEY] = _to_record(new_state)
+    if store is not None:
+        store.save(pid, server_round, new_state, cfg.run.checkpoint_every)
     metrics = MetricRecord({**reply.metrics, "num_examples": reply.num_examples,
                             "partition_id": reply.partition_id})
     return Message(RecordDict({"arrays": _to_record(reply.arrays), "metrics": metrics}), reply_to=msg)
