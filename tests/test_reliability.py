@@ -228,3 +228,16 @@ def test_non_finite_final_metrics_fail_the_run():
         check_outcome({"rounds_applied": 2, "final": {"accuracy_mean": float("nan"), "accuracy_std": 0.0,
                                                       "accuracy_worst10": 0.1}})
     check_outcome({"rounds_applied": 1, "final": {"accuracy_mean": 0.5, "accuracy_std": 0.0, "accuracy_worst10": 0.5}})
+
+
+def test_oversize_drill_exceeds_the_default_upload_limit():
+    """The drill must reach the size check with the default run.max_upload_mb, not fail on shape first."""
+    from fedpers.config import RunConfig
+    from fedpers.faults import corrupt
+    from fedpers.payload import validate_reply
+
+    spec = {"delta/prompts": (10, 192)}
+    good = Reply(0, {"delta/prompts": np.zeros((10, 192), np.float32)}, 10, dict(METRICS))
+    max_bytes = int(RunConfig().max_upload_mb * 1024 * 1024)
+    assert validate_reply(good, spec, max_bytes) is None
+    assert validate_reply(corrupt(good, "oversize"), spec, max_bytes).code == "size"
