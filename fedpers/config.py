@@ -162,6 +162,8 @@ def _strategy_config(raw: Any) -> Any:
 
     raw = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw or {})
     name = raw.get("name", "pfedpg")
+    if not isinstance(name, str):  # a list or mapping here would be an unhashable-type traceback
+        raise ConfigError("strategy.name", f"must be a strategy name; allowed: {', '.join(list_strategies())}")
     try:
         cls = get_strategy_class(name)
     except KeyError:
@@ -200,7 +202,11 @@ def load_yaml_mapping(path: str | Path, field_name: str) -> DictConfig:
     """A YAML file whose top level is a mapping; syntax and shape errors name the file and line."""
     try:
         text = Path(path).read_text()
-        loaded = OmegaConf.create(text) if text.strip() else OmegaConf.create({})
+        shape = yaml.safe_load(text)  # omegaconf asserts (a bare AssertionError) on a scalar document
+        if shape is not None and not isinstance(shape, dict):
+            raise ConfigError(field_name, f"{path}: the top level must be a mapping of config sections "
+                                          f"(run:, data:, ...), not a {type(shape).__name__}")
+        loaded = OmegaConf.create(text) if shape is not None else OmegaConf.create({})
     except UnicodeDecodeError as e:
         raise ConfigError(field_name, f"{path} is not a text file: {e}") from None
     except OSError as e:

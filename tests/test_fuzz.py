@@ -9,6 +9,7 @@ derandomized (same cases every time); the counts of tried/accepted/rejected case
 
 import collections
 import math
+import os
 
 import numpy as np
 import pytest
@@ -24,7 +25,9 @@ from strategies import create_strategy, get_config_cls
 SPEC = {"delta/prompts": (2, 3), "delta/head.weight": (4, 3), "delta/head.bias": (4,)}
 MAX_BYTES = 4096
 MAX_NORM = 1e4
+# FEDPERS_FUZZ_EXAMPLES=5000 fuzzes longer (the suite's default keeps each test well under 20 s).
 FUZZ = settings(derandomize=True, deadline=None, database=None,
+                max_examples=int(os.environ.get("FEDPERS_FUZZ_EXAMPLES", "100")),
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
