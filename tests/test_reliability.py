@@ -4,7 +4,6 @@ errors refused with exit code 2 before any work."""
 
 import json
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
@@ -117,10 +116,8 @@ def test_output_dir_that_is_a_file_and_absurd_memory_exit_2_before_any_work(tmp_
     f.write_text("x")
     assert simulate.main(tiny_overrides(f)) == 2
     assert "run.output_dir" in capsys.readouterr().err
-    t0 = time.perf_counter()
     assert simulate.main(tiny_overrides(tmp_path / "big", **{"model.num_prompts": 2_000_000})) == 2
     assert "run.max_memory_gb" in capsys.readouterr().err
-    assert time.perf_counter() - t0 < 20
     assert not (tmp_path / "big" / "partitions").exists()  # refused before the data was built
 
 
