@@ -23,9 +23,10 @@ def test_store_loads_the_state_before_the_round_and_prunes_what_no_resume_needs(
     assert store.load(4, 7) == {}  # another partition, nothing stored
     with pytest.raises(ValueError):
         NodeStateStore(tmp_path, "../../etc")
-    assert store_for({}, {"state_dir": str(tmp_path), "state_id": ""}) is None
-    assert store_for({"state-dir": str(tmp_path / "node")}, {"state_dir": "x", "state_id": "ab12cd34"}).root == (
+    assert store_for({"state-dir": str(tmp_path)}, {"state_id": ""}) is None  # the server sent no id
+    assert store_for({"state-dir": str(tmp_path / "node")}, {"state_id": "ab12cd34"}).root == (
         tmp_path / "node" / "ab12cd34")
+    assert store_for({}, {"state_id": "ab12cd34"}) is None  # no folder given: nothing written anywhere
 
 
 def _final(out):

@@ -44,15 +44,12 @@ def _from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 class FlowerTransport:
     """Round-trip payloads through a Flower Grid, addressing clients by partition id."""
 
-    def __init__(self, grid: Grid, cfg: ExperimentConfig, discovery_timeout_s: float = NODE_DISCOVERY_TIMEOUT_S,
-                 state_dir: str = ""):
-        """``state_dir``: where nodes without their own ``state-dir`` keep personal state (the
-        simulation's ``<output_dir>/client_state``; see fedpers.flower.node_state)."""
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, discovery_timeout_s: float = NODE_DISCOVERY_TIMEOUT_S):
         import uuid
 
         self.grid = grid
         self.cfg_yaml = to_yaml(cfg)
-        self.state_dir = str(state_dir)
+        # Names this run's personal states on the nodes (fedpers.flower.node_state).
         self.state_id = uuid.uuid4().hex  # replaced by the checkpoint's on resume (load_state_dict)
         self.pid_to_node = self._discover(cfg.run.num_clients, discovery_timeout_s)
         self.node_to_pid = {n: p for p, n in self.pid_to_node.items()}
@@ -105,7 +102,7 @@ class FlowerTransport:
             content = RecordDict({
                 "arrays": _to_record(arrays),
                 "config": ConfigRecord({"server_round": server_round, "config_yaml": self.cfg_yaml,
-                                        "state_id": self.state_id, "state_dir": self.state_dir}),
+                                        "state_id": self.state_id}),
             })
             msgs.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node,
                                 group_id=str(server_round)))
@@ -177,16 +174,14 @@ def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = N
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            from fedpers.server import run_server
-
             from fedpers import safety
+            from fedpers.server import run_server
 
             c = cfg if cfg is not None else config_from_run_config(context.run_config)
             if cfg is None:  # deployment: the checks simulate.run makes before a simulation
                 safety.claim_output_dir(c)
                 safety.check_memory(c)
-            state_dir = str(Path(c.run.output_dir) / "client_state") if cfg is not None else ""
-            summary = run_server(c, FlowerTransport(grid, c, state_dir=state_dir))
+            summary = run_server(c, FlowerTransport(grid, c))
             if cfg is None:
                 safety.check_outcome(summary)
         except BaseException as e:

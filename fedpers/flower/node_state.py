@@ -8,7 +8,9 @@ it trains, as safetensors (loading runs no code), under::
     <state folder>/<run state id>/partition_<pid>/round_<r>.safetensors
 
 - the state folder is the node's ``--node-config 'state-dir=DIR'``; under Flower's simulation engine
-  (no per-node config) the server names ``<run.output_dir>/client_state`` in every message instead;
+  (no per-node config) the launcher gives every virtual node ``<run.output_dir>/client_state`` through
+  the environment (:data:`SIM_ENV`). The server never sends a path: a node writes only where its
+  operator said;
 - the run state id is drawn when a run starts and kept in the server checkpoint, so a resumed run
   finds its clients' files and a fresh run never picks up another run's;
 - in round ``t`` a client starts from its newest file of a round before ``t``, so when a run is
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 NODE_CONFIG_KEY = "state-dir"
+SIM_ENV = "FEDPERS_SIM_STATE_DIR"
 _FILE = re.compile(r"round_(\d+)\.safetensors")
 
 
@@ -73,9 +76,9 @@ class NodeStateStore:
 
 
 def store_for(node_config: dict, msg_config: dict) -> NodeStateStore | None:
-    """The node's store: its own ``state-dir`` first, else the folder the (simulation) server named;
-    None when neither is set or the server sent no state id (then state lives in ``context.state``)."""
-    root = node_config.get(NODE_CONFIG_KEY) or msg_config.get("state_dir") or ""
+    """The node's store: its own ``state-dir``, else the simulation's folder; None when neither is set
+    or the server sent no state id (then state lives in Flower's ``context.state``, for one run)."""
+    root = node_config.get(NODE_CONFIG_KEY) or os.environ.get(SIM_ENV, "")
     state_id = str(msg_config.get("state_id") or "")
     if not root or not state_id:
         return None
