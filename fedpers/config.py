@@ -271,7 +271,7 @@ def validate(cfg: ExperimentConfig) -> None:
 
     r, d, m, c = cfg.run, cfg.data, cfg.model, cfg.client
     check_numbers(cfg)
-    _require(r.seed >= 0, "run.seed", f"must be >= 0, got {r.seed}")
+    _require(0 <= r.seed < 2**63, "run.seed", f"must be in [0, 2**63) (torch's seed range), got {r.seed}")
     _require(r.max_delta_norm > 0, "run.max_delta_norm", f"must be > 0, got {r.max_delta_norm}")
     _require(r.max_num_examples >= 1, "run.max_num_examples", f"must be >= 1, got {r.max_num_examples}")
     _require(r.max_memory_gb > 0, "run.max_memory_gb", f"must be > 0, got {r.max_memory_gb}")
