@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             for seed in args.seeds:
                 run_dir = out / scheme / f"{strategy}-s{seed}"
                 if not (run_dir / "summary.json").is_file():
-                    code = simulate.main(["run.engine=inprocess", "run.progress=false", f"run.rounds={args.rounds}",
+                    # run.overwrite: an unfinished folder here is this script's own, to redo.
+                    code = simulate.main(["run.engine=inprocess", "run.progress=false", "run.overwrite=true",
+                                          f"run.rounds={args.rounds}",
                                           f"run.seed={seed}", f"strategy.name={strategy}", f"run.output_dir={run_dir}",
                                           *SCHEMES[scheme], *args.overrides])
                     if code != 0:

@@ -33,7 +33,8 @@ def run_one(adapter: str, strategy: str, seed: int, rounds: int, out: Path) -> P
     folder = out / f"{adapter}-{strategy}-s{seed}"
     if (folder / "summary.json").is_file():
         return folder
-    cmd = [sys.executable, "-m", "fedpers.simulate", "--config", str(CONFIG), "run.progress=false",
+    # run.overwrite: an unfinished folder here is this script's own, to redo.
+    cmd = [sys.executable, "-m", "fedpers.simulate", "--config", str(CONFIG), "run.progress=false", "run.overwrite=true",
            f"run.rounds={rounds}", f"run.seed={seed}", f"run.output_dir={folder}", f"model.adapter={adapter}",
            f"strategy.name={strategy}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",

@@ -9,10 +9,12 @@ dataclass, so each algorithm owns its hyper-parameters (``strategy.server_lr``, 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -25,6 +27,7 @@ MODALITIES = ("vision", "text")
 ADAPTERS = ("prompt", "prefix", "lora")
 ENGINES = ("flower", "fast", "inprocess")
 DEVICES = ("cpu", "cuda", "cuda:N")
+SECTIONS = ("run", "data", "model", "client", "dp", "strategy")
 
 
 class ConfigError(ValueError):
@@ -58,6 +61,10 @@ class RunConfig:
     batch_clients: bool = False  # fast engine: train a round's clients together in mixed batches
     batch_max_samples: int = 1024  # batch_clients: most samples in one mixed forward/backward (clients grouped)
     device: str = "cpu"  # batch_clients: torch device of the batched trainer (cpu | cuda | cuda:N)
+    overwrite: bool = False  # allow a fresh run into an output_dir that already holds a run (its metrics and checkpoint are replaced); otherwise that is refused
+    max_delta_norm: float = 1e4  # replies whose delta (all tensors jointly) has a larger L2 norm are rejected before they touch server state
+    max_num_examples: int = 100_000  # a reply claiming more examples counts as this many in weighted aggregation
+    max_memory_gb: float = 32.0  # refuse to start when a lower bound of client + server tensor and activation memory exceeds this
 
 
 @dataclass
@@ -155,6 +162,8 @@ def _strategy_config(raw: Any) -> Any:
 
     raw = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw or {})
     name = raw.get("name", "pfedpg")
+    if not isinstance(name, str):  # a list or mapping here would be an unhashable-type traceback
+        raise ConfigError("strategy.name", f"must be a strategy name; allowed: {', '.join(list_strategies())}")
     try:
         cls = get_strategy_class(name)
     except KeyError:
@@ -180,13 +189,39 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError("--config", f"file not found: {path}")
-        layers.append(OmegaConf.load(path))
+        layers.append(load_yaml_mapping(path, "--config"))
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(bad[0], "overrides must look like key=value")
         layers.append(OmegaConf.from_dotlist(list(overrides)))
     return from_layers(layers)
+
+
+def load_yaml_mapping(path: str | Path, field_name: str) -> DictConfig:
+    """A YAML file whose top level is a mapping; syntax and shape errors name the file and line."""
+    try:
+        text = Path(path).read_text()
+        shape = yaml.safe_load(text)  # omegaconf asserts (a bare AssertionError) on a scalar document
+        if shape is not None and not isinstance(shape, dict):
+            raise ConfigError(field_name, f"{path}: the top level must be a mapping of config sections "
+                                          f"(run:, data:, ...), not a {type(shape).__name__}")
+        loaded = OmegaConf.create(text) if shape is not None else OmegaConf.create({})
+    except UnicodeDecodeError as e:
+        raise ConfigError(field_name, f"{path} is not a text file: {e}") from None
+    except OSError as e:
+        raise ConfigError(field_name, f"cannot read {path}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(field_name, f"YAML syntax error at {where}: {problem}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(field_name, f"{path}: {_clean(e)}") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(field_name, f"{path}: the top level must be a mapping of config sections "
+                                      f"(run:, data:, ...), not a {type(loaded).__name__.removesuffix('Config').lower()}")
+    return loaded
 
 
 def from_layers(layers: list[Any]) -> ExperimentConfig:
@@ -196,6 +231,10 @@ def from_layers(layers: list[Any]) -> ExperimentConfig:
     for layer in layers:
         layer = OmegaConf.create(layer) if not isinstance(layer, DictConfig) else layer
         layer = layer.copy()
+        for key in SECTIONS:  # "run: 3" would otherwise be an anonymous omegaconf merge error
+            v = layer.get(key) if isinstance(layer, DictConfig) else None
+            _require(v is None or isinstance(v, DictConfig), key,
+                     f"must be a mapping of {key}.* fields, got {type(v).__name__}: {v!r}")
         if "strategy" in layer:
             strategy_layers.append(layer.pop("strategy"))
         try:
@@ -231,6 +270,13 @@ def validate(cfg: ExperimentConfig) -> None:
     from strategies import get_strategy_class
 
     r, d, m, c = cfg.run, cfg.data, cfg.model, cfg.client
+    check_numbers(cfg)
+    _require(0 <= r.seed < 2**63, "run.seed", f"must be in [0, 2**63) (torch's seed range), got {r.seed}")
+    _require(r.max_delta_norm > 0, "run.max_delta_norm", f"must be > 0, got {r.max_delta_norm}")
+    _require(r.max_num_examples >= 1, "run.max_num_examples", f"must be >= 1, got {r.max_num_examples}")
+    _require(r.max_memory_gb > 0, "run.max_memory_gb", f"must be > 0, got {r.max_memory_gb}")
+    _require(not (r.resume and r.overwrite), "run.overwrite",
+             "run.resume=true continues the run in run.output_dir, run.overwrite=true replaces it: choose one")
     _require(r.rounds >= 1, "run.rounds", f"must be >= 1, got {r.rounds}")
     _require(r.num_clients >= 1, "run.num_clients", f"must be >= 1, got {r.num_clients}")
     h = r.holdout_clients
@@ -321,6 +367,20 @@ def validate(cfg: ExperimentConfig) -> None:
     validate_against = getattr(cfg.strategy, "validate_with", None)  # checks that need the rest of the config
     if validate_against is not None:
         validate_against(cfg)
+
+
+def check_numbers(obj: Any, prefix: str = "") -> None:
+    """Every float field anywhere in the config (strategy section included) is finite, and every
+    learning rate (``lr``, ``*_lr``) is > 0: inf or NaN would only surface as NaN metrics rounds later."""
+    for f in dataclasses.fields(obj):
+        v, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            check_numbers(v, name + ".")
+        elif isinstance(v, float) or (isinstance(v, list) and any(isinstance(x, float) for x in v)):
+            vals = v if isinstance(v, list) else [v]
+            _require(all(math.isfinite(x) for x in vals if isinstance(x, float)), name, f"must be finite, got {v}")
+        if (f.name == "lr" or f.name.endswith("_lr")) and isinstance(v, (int, float)):
+            _require(v > 0, name, f"learning rates must be > 0, got {v}")
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:

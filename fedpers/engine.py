@@ -90,6 +90,9 @@ class InProcessTransport:
                 died.append(pid)
                 out[pid] = Failure(pid, "error", f"worker process died: {e}")
                 continue
+            except Exception as e:  # noqa: BLE001 - e.g. a result that cannot be unpickled: this client only
+                out[pid] = Failure(pid, "error", f"{type(e).__name__}: {e}")
+                continue
             if isinstance(result, Failure):
                 out[pid] = result
             else:

@@ -31,7 +31,8 @@ MALFORMED: dict[str, Callable[[Reply], Reply]] = {
     "extra_key": lambda r: dataclasses.replace(r, arrays={**r.arrays, "delta/head": np.zeros(3, np.float32)}),
     "negative_examples": lambda r: dataclasses.replace(r, num_examples=-5),
     "absurd_examples": lambda r: dataclasses.replace(r, num_examples=10**12),
-    "oversize": lambda r: _map_arrays(r, lambda a: np.zeros((4096, 1024), np.float32)),  # 16 MiB
+    # Just over the default run.max_upload_mb (64 MiB); a broadcast view, so the drill itself allocates nothing.
+    "oversize": lambda r: _map_arrays(r, lambda a: np.broadcast_to(np.zeros((), np.float32), (17 * 2**20,))),
     "wrong_partition": lambda r: dataclasses.replace(r, partition_id=r.partition_id + 10_000),
 }
 # raise: the client throws; hang: it answers only after the deadline; silent: it never answers.

@@ -40,7 +40,8 @@ class Failure:
 
 # Timed-out and silent clients are one ledger column: from the server's side both never answered in time.
 TIMED_OUT_KINDS = ("timeout", "missing")
-REJECTION_CODES = ("keys", "type", "dtype", "shape", "nonfinite", "num_examples", "size", "metrics", "partition")
+REJECTION_CODES = ("keys", "type", "dtype", "shape", "nonfinite", "num_examples", "size", "metrics", "partition",
+                   "norm")
 
 
 class Rejection(str):
@@ -56,17 +57,31 @@ class Rejection(str):
 
 
 def serialized_nbytes(arrays: dict[str, np.ndarray]) -> int:
-    """Bytes of the arrays as serialized on the wire (``np.save`` format, as Flower's ``Array``)."""
+    """Bytes of the arrays as serialized on the wire (``np.save`` format, as Flower's ``Array``):
+    the format header plus the data, computed without serializing (an oversize reply costs no copy,
+    and an object array, which ``np.save`` refuses, still has a size)."""
     total = 0
     for a in arrays.values():
+        a = np.asarray(a)
         buf = io.BytesIO()
-        np.save(buf, np.asarray(a), allow_pickle=False)
-        total += buf.getbuffer().nbytes
+        np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(a))
+        total += buf.tell() + a.nbytes
     return total
 
 
-def validate_reply(reply: Reply, spec: dict[str, tuple[int, ...]], max_bytes: int) -> Rejection | None:
-    """Return None if ``reply`` is acceptable, else the reason it is rejected."""
+def delta_norm(arrays: dict[str, np.ndarray]) -> float:
+    """L2 norm of all arrays jointly, in float64 (a float32 sum of squares of 3e38 would itself overflow)."""
+    return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays.values()))
+
+
+def validate_reply(reply: Reply, spec: dict[str, tuple[int, ...]], max_bytes: int,
+                   max_norm: float = math.inf) -> Rejection | None:
+    """Return None if ``reply`` is acceptable, else the reason it is rejected. Never raises on a
+    malformed reply: whatever a client sent, the answer is a typed :class:`Rejection`."""
+    if not isinstance(reply.arrays, dict):
+        return Rejection("type", f"arrays: not a mapping ({type(reply.arrays).__name__})")
+    if not isinstance(reply.metrics, dict):
+        return Rejection("metrics", f"metrics: not a mapping ({type(reply.metrics).__name__})")
     keys = set(reply.arrays)
     if keys != set(spec):
         missing, extra = sorted(set(spec) - keys), sorted(keys - set(spec))
@@ -86,6 +101,10 @@ def validate_reply(reply: Reply, spec: dict[str, tuple[int, ...]], max_bytes: in
             return Rejection("shape", f"{name}: shape {tuple(a.shape)}, expected {tuple(shape)}")
         if not np.isfinite(a).all():
             return Rejection("nonfinite", f"{name}: contains NaN or Inf")
+    # Finite is not enough: one delta of 3e38 overflows any weighted sum it enters.
+    norm = delta_norm(reply.arrays)
+    if not norm <= max_norm:
+        return Rejection("norm", f"delta L2 norm {norm:.3g} exceeds run.max_delta_norm={max_norm:g}")
     n = reply.num_examples
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 < n <= MAX_NUM_EXAMPLES:
         return Rejection("num_examples", f"num_examples: {n!r} is not an integer in [1, {MAX_NUM_EXAMPLES}]")

@@ -70,7 +70,9 @@ class Ledger:
         return {"rows": rows, "last_acc": {str(k): v for k, v in self.last_acc.items()}}
 
     def record_round(self, server_round: int, *, sampled: list[int], ok: list[Reply], failed: list[Failure],
-                     applied: bool, bytes_down: dict[int, int], server_metrics: dict, seconds: float) -> dict:
+                     applied: bool, bytes_down: dict[int, int], server_metrics: dict, seconds: float,
+                     rejected: dict | None = None) -> dict:
+        """``rejected``: why an aggregate was rolled back and by whose updates (None when it was not)."""
         acc = {u.partition_id: float(u.metrics["test_accuracy"]) for u in ok}
         self.last_acc.update(acc)
         up = [serialized_nbytes(u.arrays) for u in ok]
@@ -87,6 +89,7 @@ class Ledger:
             "failures": [{"partition_id": f.partition_id, "kind": f.kind, "code": f.code, "reason": f.reason}
                          for f in failed],
             "applied": applied,
+            "rejected": rejected,
             "clients": {
                 str(u.partition_id): {
                     "accuracy": u.metrics["test_accuracy"],
@@ -145,6 +148,8 @@ class Ledger:
             "failures": int(sum(r["num_failed"] + r["num_timed_out"] for r in self.rows)),
             "timed_out": int(sum(r["num_timed_out"] for r in self.rows)),
             "skipped_rounds": [r["round"] for r in self.rows if not r["applied"]],
+            "rounds_applied": sum(1 for r in self.rows if r["applied"]),
+            "rolled_back_rounds": [r["round"] for r in self.rows if r.get("rejected")],
             "wall_time_s": time.perf_counter() - self.t0,
             **(extra or {}),
         }

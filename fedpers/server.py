@@ -8,6 +8,7 @@ in-process engine is another. Nothing here imports Flower.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Protocol
 
@@ -69,7 +70,8 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
 
 
 def collect(
-    strategy: Strategy, sampled: list[int], raw: dict[int, Reply | Failure], max_bytes: int
+    strategy: Strategy, sampled: list[int], raw: dict[int, Reply | Failure], max_bytes: int,
+    max_norm: float = math.inf,
 ) -> tuple[list[Reply], list[Failure]]:
     """Validate replies; anything unusable becomes a Failure with its reason. Sorted by partition id."""
     ok: list[Reply] = []
@@ -80,10 +82,12 @@ def collect(
             failed.append(Failure(pid, "missing", "no reply"))
         elif isinstance(r, Failure):
             failed.append(r)
+        elif not isinstance(r, Reply):
+            failed.append(Failure(pid, "invalid", f"not a reply: {type(r).__name__}", "type"))
         elif r.partition_id != pid:
             failed.append(Failure(pid, "invalid", f"reply claims partition {r.partition_id}", "partition"))
         else:
-            reason = validate_reply(r, strategy.reply_spec(pid), max_bytes)
+            reason = validate_reply(r, strategy.reply_spec(pid), max_bytes, max_norm)
             if reason is None:
                 ok.append(r)
             else:
@@ -122,11 +126,12 @@ def run_server(cfg: ExperimentConfig, transport: Transport, strategy: Strategy |
         sampled = [train_ids[i] for i in sample_clients(r.seed, server_round, len(train_ids), r.clients_per_round)]
         payloads = strategy.configure(server_round, sampled)
         raw = transport.exchange(server_round, payloads, r.client_timeout_s)
-        ok, failed = collect(strategy, sampled, raw, max_bytes)
+        ok, failed = collect(strategy, sampled, raw, max_bytes, r.max_delta_norm)
         applied = len(ok) >= r.min_replies
-        server_metrics = {}
+        server_metrics, rejected = {}, None
         if applied:
-            server_metrics = strategy.aggregate(server_round, _updates(ok))
+            server_metrics, rejected = guarded_aggregate(strategy, server_round, _updates(ok, r.max_num_examples))
+            applied = rejected is None
         else:
             log.warning("round %d skipped: %d valid replies < run.min_replies=%d", server_round, len(ok),
                         r.min_replies)
@@ -139,6 +144,7 @@ def run_server(cfg: ExperimentConfig, transport: Transport, strategy: Strategy |
             bytes_down={pid: serialized_nbytes(payloads[pid]) for pid in sampled},
             server_metrics=server_metrics,
             seconds=time.perf_counter() - t0,
+            rejected=rejected,
         )
         if r.checkpoint_every and (server_round % r.checkpoint_every == 0 or server_round == r.rounds):
             checkpoint.save_checkpoint(cfg, server_round, strategy, ledger, transport)
@@ -160,9 +166,50 @@ def _report(bar, row, server_round, rounds, ok, sampled, failed) -> None:
         log.info(msg)
 
 
-def _updates(ok: list[Reply]) -> list[ClientUpdate]:
+def _updates(ok: list[Reply], max_examples: int | None = None) -> list[ClientUpdate]:
+    """Replies as strategy updates; a claimed ``num_examples`` above ``max_examples``
+    (``run.max_num_examples``) counts as that many, so no client can buy the aggregate's weight."""
+    cap = max_examples or math.inf
     return [ClientUpdate(u.partition_id, {k.removeprefix("delta/"): v for k, v in u.arrays.items()},
-                         u.num_examples, u.metrics) for u in ok]
+                         int(min(u.num_examples, cap)), u.metrics) for u in ok]
+
+
+def state_is_finite(state) -> bool:
+    """Every tensor/array (and float) anywhere in a strategy ``state_dict`` is finite."""
+    if isinstance(state, dict):
+        return all(state_is_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(state_is_finite(v) for v in state)
+    if isinstance(state, np.ndarray):
+        return not np.issubdtype(state.dtype, np.inexact) or bool(np.isfinite(state).all())
+    if isinstance(state, float):
+        return math.isfinite(state)
+    if hasattr(state, "isfinite"):  # torch tensors, without importing torch here
+        return not state.is_floating_point() or bool(state.isfinite().all())
+    return True
+
+
+def guarded_aggregate(strategy: Strategy, server_round: int,
+                      updates: list[ClientUpdate]) -> tuple[dict, dict | None]:
+    """``strategy.aggregate``, rolled back when it leaves a non-finite server state (valid replies can
+    still overflow together, or through the optimizer). Returns (server metrics, None) when applied,
+    else ({}, {"reason", "partition_ids"}) naming the clients whose update alone also breaks the state
+    (all of them when none does alone)."""
+    before = strategy.state_dict()
+    metrics = strategy.aggregate(server_round, updates)
+    if state_is_finite(strategy.state_dict()):
+        return metrics, None
+    strategy.load_state_dict(before)
+    offending = []
+    for u in updates:  # rare path: find who did it, one update at a time, always from the same state
+        strategy.aggregate(server_round, [u])
+        if not state_is_finite(strategy.state_dict()):
+            offending.append(u.partition_id)
+        strategy.load_state_dict(before)
+    offending = offending or [u.partition_id for u in updates]
+    log.warning("round %d rolled back: the aggregate made the server state non-finite (clients %s)",
+                server_round, offending)
+    return {}, {"reason": "nonfinite_state", "partition_ids": offending}
 
 
 def personalize_unseen(cfg: ExperimentConfig, strategy: Strategy, transport: Transport, pids: list[int],
@@ -178,11 +225,11 @@ def personalize_unseen(cfg: ExperimentConfig, strategy: Strategy, transport: Tra
         server_round = r.rounds + i  # distinct seeds from every training round
         payloads = strategy.configure_unseen(server_round, pids)
         raw = transport.exchange(server_round, payloads, r.client_timeout_s)
-        ok, failed = collect(strategy, pids, raw, max_bytes)
+        ok, failed = collect(strategy, pids, raw, max_bytes, r.max_delta_norm)
         failures += [{"round": server_round, "partition_id": f.partition_id, "kind": f.kind, "reason": f.reason}
                      for f in failed]
         acc.update({u.partition_id: float(u.metrics["test_accuracy"]) for u in ok})
-        strategy.adapt_unseen(server_round, _updates(ok))
+        strategy.adapt_unseen(server_round, _updates(ok, r.max_num_examples))
     log.info("unseen clients %s: accuracy mean %.3f", pids, float(np.mean(list(acc.values()))) if acc else float("nan"))
     return {"partition_ids": pids, "per_client": acc, "failures": failures}
 

@@ -60,7 +60,20 @@ def preflight(cfg: ExperimentConfig) -> None:
     load_model(cfg.model)
 
 
-def run(cfg: ExperimentConfig) -> dict:
+def run(cfg: ExperimentConfig, overwrite: bool = False) -> dict:
+    """Run ``cfg`` into its results folder. ``overwrite``: the caller owns the folder (the sweep re-runs
+    unfinished cells) and allows replacing a run there, as ``run.overwrite=true`` does.
+
+    Raises ConfigError (a folder holding a run, memory over ``run.max_memory_gb``) before any work, and
+    RunFailed after the last round when no round was applied or the final metrics are not finite."""
+    from fedpers import safety
+
+    safety.claim_output_dir(cfg, overwrite)
+    safety.check_memory(cfg)
+    if cfg.run.resume:  # a missing, foreign or unsafe checkpoint is refused before data and model load
+        from fedpers.checkpoint import load_checkpoint
+
+        load_checkpoint(cfg)
     preflight(cfg)
     if cfg.run.engine in ("fast", "inprocess"):
         from fedpers.engine import InProcessTransport
@@ -68,12 +81,15 @@ def run(cfg: ExperimentConfig) -> dict:
 
         transport = InProcessTransport(cfg)
         try:
-            return run_server(cfg, transport)
+            summary = run_server(cfg, transport)
         finally:
             transport.close()
-    from fedpers.flower.simulation import run_flower_simulation
+    else:
+        from fedpers.flower.simulation import run_flower_simulation
 
-    return run_flower_simulation(cfg)
+        summary = run_flower_simulation(cfg)
+    safety.check_outcome(summary)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,13 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     from fedpers.checkpoint import CheckpointError
     from fedpers.data import DataError
     from fedpers.models.prompted import BackboneError
+    from fedpers.safety import RunFailed
 
     t0 = time.perf_counter()
     try:
         summary = run(cfg)
-    except (DataError, BackboneError, CheckpointError) as e:
+    except (ConfigError, DataError, BackboneError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:  # the results folder is written; it shows what went wrong
+        print(f"error: the run failed: {e} (results in {cfg.run.output_dir})", file=sys.stderr)
+        return 1
     except RuntimeError as e:
         from fedpers.flower.apps import FlowerRunError
 

@@ -318,7 +318,7 @@ def run_grid(out_dir: Path, cells: list[Cell], progress: bool = True) -> list[di
             bar.set_postfix_str(f"{cell.partition}/{cell.strategy}/seed{cell.seed}")
         (cell.out / "summary.json").unlink(missing_ok=True)  # a stale summary must not mark a rerun done
         try:
-            simulate.run(cell.cfg)
+            simulate.run(cell.cfg, overwrite=True)  # an unfinished cell's folder is the grid's to redo
             rows[i] = row_of(cell, "ok")
         except Exception as e:  # one broken cell must not lose the rest of the grid; its reason is recorded
             log.exception("cell %s/%s/seed%s failed", cell.partition, cell.strategy, cell.seed)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fedpers import simulate
-from fedpers.checkpoint import FILENAME, CheckpointError, load_checkpoint
+from fedpers.checkpoint import FILENAME, CheckpointError, load_checkpoint, read_checkpoint
 from fedpers.config import load_config
 from fedpers.engine import InProcessTransport
 from fedpers.server import run_server
@@ -47,7 +47,7 @@ def overrides(out, **kw):
 
 
 def final_state(out: Path):
-    ckpt = torch.load(out / FILENAME, weights_only=False)
+    ckpt = read_checkpoint(out / FILENAME)
     rows = [{k: v for k, v in json.loads(line).items() if k not in TIMING}
             for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = {k: v for k, v in json.loads((out / "summary.json").read_text()).items() if k != "wall_time_s"}
@@ -83,7 +83,7 @@ def test_crash_after_round_2_then_resume_is_bit_identical(tmp_path, uninterrupte
     cfg = load_config(None, overrides(out))
     with pytest.raises(Crash):
         run_server(cfg, CrashingTransport(cfg, crash_round=3))
-    assert torch.load(out / FILENAME, weights_only=False)["round"] == 2
+    assert read_checkpoint(out / FILENAME)["round"] == 2
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert simulate.main(overrides(out, **{"run.resume": "true"})) == 0
     assert_bit_identical(final_state(out), uninterrupted)
@@ -106,7 +106,7 @@ def test_killed_subprocess_resumes_bit_identical(tmp_path, uninterrupted):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    done = torch.load(out / FILENAME, weights_only=False)["round"]
+    done = read_checkpoint(out / FILENAME)["round"]
     if done >= ROUNDS:
         pytest.skip("the run finished before it could be killed (machine too fast for this check)")
     assert simulate.main(overrides(out, **{"run.resume": "true"})) == 0

@@ -109,3 +109,25 @@ def test_launcher_builds_one_toml_run_config():
     parsed = tomllib.loads(arg.replace('" overrides', '"\noverrides'))
     assert parsed["config"] == "experiments/configs/default.yaml"
     assert shlex.split(parsed["overrides"]) == ["run.rounds=2", "run.output_dir=/tmp/a b"]
+
+
+def test_bad_device_folder_is_named_when_the_node_starts(tmp_path):
+    """A non-image file with an image suffix, or a partial save_to_disk copy: one DataError naming
+    the file or folder from the node's discovery check (not a raw PIL/OSError in every round)."""
+    from fedpers.data.local import check_device_folder
+
+    for name in ("good", "bad"):
+        for i in range(4):
+            _png(tmp_path / name / str(i % 2) / f"{i}.png", 10 * i)
+    check_device_folder(str(tmp_path / "good"))
+    (tmp_path / "bad" / "1" / "notes.png").write_text("not an image")
+    with pytest.raises(DataError, match="notes.png"):
+        check_device_folder(str(tmp_path / "bad"))
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "o"))
+    (folder, *_) = export(cfg, tmp_path / "parts")
+    arrow = sorted(folder.rglob("*.arrow"))
+    assert arrow, "the export writes arrow files"
+    arrow[0].unlink()  # an interrupted copy
+    with pytest.raises(DataError, match="partial copy"):
+        check_device_folder(str(folder))

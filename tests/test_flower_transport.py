@@ -10,6 +10,8 @@ from fedpers.flower.apps import FlowerRunError, FlowerTransport, _to_record
 from fedpers.server import build_strategy, collect
 
 METRICS = {"train_loss": 0.5, "test_loss": 0.6, "test_accuracy": 0.5, "num_test": 4.0}
+BAD_NUMBERS = {"inf_examples": ("num_examples", float("inf")), "frac_examples": ("num_examples", 5.9),
+               "inf_pid": ("partition_id", float("inf")), "nan_examples": ("num_examples", float("nan"))}
 
 
 @pytest.fixture(autouse=True)
@@ -50,6 +52,9 @@ class FakeGrid:
             metrics = {**METRICS, "num_examples": 10, "partition_id": pid}
             if kind == "malformed":
                 metrics.pop("num_examples")
+            if kind in BAD_NUMBERS:  # values a hostile client can put in a MetricRecord
+                field, value = BAD_NUMBERS[kind]
+                metrics[field] = value
             out.append(Message(RecordDict({"arrays": _to_record(delta), "metrics": MetricRecord(metrics)}),
                                reply_to=m))
         return out
@@ -90,3 +95,20 @@ def test_a_missing_partition_node_counts_as_missing_not_a_crash(tiny_cfg):
     ok, failed = collect(strategy, [0, 1, 2], raw, 1 << 20)
     assert [u.partition_id for u in ok] == [0, 1]
     assert [(f.partition_id, f.kind) for f in failed] == [(2, "missing")]
+
+
+def test_hostile_numbers_in_a_reply_cost_only_that_reply(tiny_cfg):
+    """inf/NaN/5.9 as num_examples or partition_id: typed failures (once an OverflowError that ended
+    the ServerApp, or 5.9 silently truncated to 5), and the other clients' replies still count."""
+    kinds = ["ok", *BAD_NUMBERS]
+    cfg = tiny_cfg(**{"run.num_clients": len(kinds), "run.clients_per_round": len(kinds)})
+    grid = FakeGrid(dict(enumerate(kinds)))
+    transport = FlowerTransport(grid, cfg, discovery_timeout_s=5)
+    strategy = build_strategy(cfg)
+    pids = list(range(len(kinds)))
+    raw = transport.exchange(1, strategy.configure(1, pids), cfg.run.client_timeout_s)
+    ok, failed = collect(strategy, pids, raw, 1 << 20)
+    assert [u.partition_id for u in ok] == [0]
+    assert {f.partition_id: f.kind for f in failed} == {p: "invalid" for p in pids[1:]}
+    codes = {kinds[f.partition_id]: f.code for f in failed}
+    assert codes["frac_examples"] == codes["inf_examples"] == codes["nan_examples"] == "num_examples"

@@ -31,7 +31,7 @@ def test_smoke_grid_writes_results_and_resumes(tmp_path, monkeypatch, capsys):
     # Resume: finished cells are not run again.
     from fedpers import simulate
 
-    def boom(cfg):
+    def boom(cfg, **_):
         raise AssertionError("a finished cell was re-run")
 
     monkeypatch.setattr(simulate, "run", boom)

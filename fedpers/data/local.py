@@ -64,19 +64,40 @@ def _load_cached(path: str, data_json: str, partition_id: int, seed: int) -> Cli
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def check_device_folder(path: str) -> None:
+    """Read every file of a device's data folder once, as the SuperNode starts (its first message), so
+    a non-image file or a partial ``save_to_disk`` copy is one DataError naming the file, not a raw
+    PIL/OSError inside every round. Shapes are the config's business (the server sends it); here
+    images are decoded at a tiny size only to prove they can be."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"node-config data-path={path!r}: not a directory")
+    _read_splits(root, (1, 4, 4))
+
+
 def _read_splits(root: Path, shape: tuple[int, int, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file():
-        import datasets
-
-        ds = datasets.load_from_disk(str(root))
-        if isinstance(ds, datasets.DatasetDict):
-            if not {"train", "test"} <= set(ds):
-                raise DataError(f"{root}: a saved DatasetDict needs 'train' and 'test' splits, has {sorted(ds)}")
-            return {s: _arrays(ds[s], root, shape) for s in ("train", "test")}
-        return {"all": _arrays(ds, root, shape)}
+        try:
+            return _read_saved(root, shape)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a partial or damaged copy: name it instead of failing in every round
+            raise DataError(f"{root}: unreadable saved dataset (partial copy?): {type(e).__name__}: {e}") from None
     if (root / "train").is_dir() and (root / "test").is_dir():
         return {s: _image_folder(root / s, shape) for s in ("train", "test")}
     return {"all": _image_folder(root, shape)}
+
+
+def _read_saved(root: Path, shape: tuple[int, int, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(root))
+    if isinstance(ds, datasets.DatasetDict):
+        if not {"train", "test"} <= set(ds):
+            raise DataError(f"{root}: a saved DatasetDict needs 'train' and 'test' splits, has {sorted(ds)}")
+        return {s: _arrays(ds[s], root, shape) for s in ("train", "test")}
+    return {"all": _arrays(ds, root, shape)}
 
 
 def _arrays(ds, root: Path, shape) -> tuple[np.ndarray, np.ndarray]:
@@ -105,8 +126,11 @@ def _image_folder(root: Path, shape) -> tuple[np.ndarray, np.ndarray]:
             raise DataError(f"{label_dir}: image-folder class directories must be integer label ids") from None
         for f in sorted(label_dir.iterdir()):
             if f.suffix.lower() in IMAGE_SUFFIXES:
-                with Image.open(f) as im:
-                    xs.append(to_chw(im.copy(), shape))
+                try:
+                    with Image.open(f) as im:
+                        xs.append(to_chw(im.copy(), shape))
+                except Exception as e:  # noqa: BLE001 - PIL raises many types; any of them means this one file is bad
+                    raise DataError(f"{f}: not a readable image ({type(e).__name__}: {e})") from None
                 ys.append(label)
     if not xs:
         raise DataError(f"{root}: no images found (expected <label>/*.png folders)")

@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -19,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpers.config import ConfigError, ExperimentConfig, from_layers, from_yaml, to_yaml
 from fedpers.faults import ENV_VAR, MALFORMED, InjectedFault, corrupt, env_fault
+from fedpers.flower import node_state
 from fedpers.payload import Failure, Reply
 
 log = logging.getLogger("fedpers")
@@ -43,8 +45,12 @@ class FlowerTransport:
     """Round-trip payloads through a Flower Grid, addressing clients by partition id."""
 
     def __init__(self, grid: Grid, cfg: ExperimentConfig, discovery_timeout_s: float = NODE_DISCOVERY_TIMEOUT_S):
+        import uuid
+
         self.grid = grid
         self.cfg_yaml = to_yaml(cfg)
+        # Names this run's personal states on the nodes (fedpers.flower.node_state).
+        self.state_id = uuid.uuid4().hex  # replaced by the checkpoint's on resume (load_state_dict)
         self.pid_to_node = self._discover(cfg.run.num_clients, discovery_timeout_s)
         self.node_to_pid = {n: p for p, n in self.pid_to_node.items()}
 
@@ -52,8 +58,9 @@ class FlowerTransport:
         """Node ids are random per run: ask every node for its partition id."""
         deadline = time.monotonic() + timeout_s
         mapping: dict[int, int] = {}
+        refused: set[int] = set()  # nodes whose data folder is unusable: asked once, then left out
         while time.monotonic() < deadline:
-            nodes = [n for n in self.grid.get_node_ids() if n not in mapping.values()]
+            nodes = [n for n in self.grid.get_node_ids() if n not in mapping.values() and n not in refused]
             if nodes:
                 msgs = [
                     Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n, group_id="discover")
@@ -61,11 +68,20 @@ class FlowerTransport:
                 ]
                 for reply in self.grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
                     if not reply.has_error() and "info" in reply.content:
-                        pid = int(reply.content["info"]["partition-id"])
+                        pid = reply.content["info"].get("partition-id")
+                        if "data-error" in reply.content["info"]:
+                            log.error("partition %s: the node's data folder is unusable, node ignored: %s", pid,
+                                      reply.content["info"]["data-error"])
+                            refused.add(reply.metadata.src_node_id)
+                            continue
+                        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 <= pid < num_clients:
+                            log.warning("node %s claims partition-id %r, not one of 0..%d; ignored",
+                                        reply.metadata.src_node_id, pid, num_clients - 1)
+                            continue
                         if pid in mapping:
                             raise FlowerRunError(f"two nodes claim partition-id {pid}")
                         mapping[pid] = reply.metadata.src_node_id
-            if len(mapping) >= num_clients:
+            if len(mapping) + len(refused) >= num_clients:
                 break
             time.sleep(0.5)
         missing = sorted(set(range(num_clients)) - set(mapping))
@@ -85,7 +101,8 @@ class FlowerTransport:
                 continue
             content = RecordDict({
                 "arrays": _to_record(arrays),
-                "config": ConfigRecord({"server_round": server_round, "config_yaml": self.cfg_yaml}),
+                "config": ConfigRecord({"server_round": server_round, "config_yaml": self.cfg_yaml,
+                                        "state_id": self.state_id}),
             })
             msgs.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node,
                                 group_id=str(server_round)))
@@ -97,25 +114,38 @@ class FlowerTransport:
                 out[pid] = Failure(pid, "error", reply.error.reason)
                 continue
             try:
-                metrics = dict(reply.content["metrics"])
-                out[pid] = Reply(
-                    partition_id=int(metrics.pop("partition_id")),
-                    arrays=_from_record(reply.content["arrays"]),
-                    num_examples=int(metrics.pop("num_examples")),
-                    metrics={k: float(v) for k, v in metrics.items()},
-                )
-            except (KeyError, TypeError, ValueError) as e:
+                out[pid] = _reply_of(reply)
+            except Exception as e:  # noqa: BLE001 - whatever one client sent, it costs only its own reply, never the run
                 out[pid] = Failure(pid, "invalid", f"malformed message: {type(e).__name__}: {e}")
         for pid in payloads:
             out.setdefault(pid, Failure(pid, "timeout", f"no reply within run.client_timeout_s={timeout}"))
         return out
+
+    # Checkpoints keep the id under which nodes store this run's personal states, so a resumed run
+    # finds them (the states themselves stay on the nodes).
+    def state_dict(self) -> dict:
+        return {"flower_state_id": self.state_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state_id = str(state["flower_state_id"])
+
+
+def _reply_of(msg: Message) -> Reply:
+    """A reply message as a :class:`Reply`. ``partition_id`` and ``num_examples`` keep the type the
+    client sent (no ``int()``: that would truncate 5.9 to 5 and raise OverflowError on inf), so
+    ``validate_reply`` rejects anything that is not an integer."""
+    metrics = dict(msg.content["metrics"])
+    pid, n = metrics.pop("partition_id"), metrics.pop("num_examples")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        raise TypeError(f"partition_id {pid!r} is not an integer")
+    return Reply(partition_id=pid, arrays=_from_record(msg.content["arrays"]), num_examples=n,
+                 metrics={k: float(v) for k, v in metrics.items()})
 
 
 def config_from_run_config(run_config: dict) -> ExperimentConfig:
     """``flwr run --run-config``: ``config`` names a YAML file, ``overrides`` is a space-separated
     dotlist; any other key is taken as a dotted config field itself (simulation callers)."""
     import shlex
-    from pathlib import Path
 
     from omegaconf import OmegaConf
 
@@ -144,10 +174,16 @@ def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = N
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
+            from fedpers import safety
             from fedpers.server import run_server
 
             c = cfg if cfg is not None else config_from_run_config(context.run_config)
+            if cfg is None:  # deployment: the checks simulate.run makes before a simulation
+                safety.claim_output_dir(c)
+                safety.check_memory(c)
             summary = run_server(c, FlowerTransport(grid, c))
+            if cfg is None:
+                safety.check_outcome(summary)
         except BaseException as e:
             if result is not None:
                 result["error"] = e
@@ -186,7 +222,27 @@ def _device_data(context: Context, cfg: ExperimentConfig, pid: int):
 
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
-    return Message(RecordDict({"info": ConfigRecord({"partition-id": _partition_id(context)})}), reply_to=msg)
+    info = {"partition-id": _partition_id(context)}
+    problem = _data_problem(context)
+    if problem:  # the server names it and does not count on this node, instead of failing every round
+        info["data-error"] = problem
+    return Message(RecordDict({"info": ConfigRecord(info)}), reply_to=msg)
+
+
+def _data_problem(context: Context) -> str:
+    """Why this node's data folder (``data-path``) is unusable, or "" (checked once, at discovery)."""
+    path = context.node_config.get("data-path")
+    if not path:
+        return ""
+    from fedpers.data import DataError
+    from fedpers.data.local import check_device_folder
+
+    try:
+        check_device_folder(str(path))
+    except DataError as e:
+        log.error("data-path: %s", e)
+        return str(e)
+    return ""
 
 
 @client_app.train()
@@ -198,7 +254,11 @@ def train(msg: Message, context: Context) -> Message:
     cfg = device_floor(_parse_config(str(msg.content["config"]["config_yaml"])), dict(context.node_config))
     server_round = int(msg.content["config"]["server_round"])
     pid = _partition_id(context)
-    state = _from_record(context.state[STATE_KEY]) if STATE_KEY in context.state else {}
+    store = node_state.store_for(dict(context.node_config), dict(msg.content["config"]))
+    if store is not None:  # on disk: survives a resumed run and a restarted SuperNode
+        state = store.load(pid, server_round)
+    else:
+        state = _from_record(context.state[STATE_KEY]) if STATE_KEY in context.state else {}
     fault = env_fault(pid, server_round)  # fault drills only (FEDPERS_FAULTS); None otherwise
     if fault == "raise":
         raise InjectedFault(f"client {pid} raised in round {server_round} ({ENV_VAR})")
@@ -209,6 +269,8 @@ def train(msg: Message, context: Context) -> Message:
     if fault in MALFORMED:
         reply = corrupt(reply, fault)
     context.state[STATE_KEY] = _to_record(new_state)
+    if store is not None:
+        store.save(pid, server_round, new_state, cfg.run.checkpoint_every)
     metrics = MetricRecord({**reply.metrics, "num_examples": reply.num_examples,
                             "partition_id": reply.partition_id})
     return Message(RecordDict({"arrays": _to_record(reply.arrays), "metrics": metrics}), reply_to=msg)
