@@ -115,6 +115,10 @@ def _pool_pass(work, n_workers, threads, ctx, done: Done, cell_fn: CellFn) -> li
                     crashed.append((i, y))
                     continue
                 done(i, status, error)
+    except BaseException:  # Ctrl-C or a failing driver: stop the running cells instead of waiting for them
+        for p in list((getattr(pool, "_processes", None) or {}).values()):
+            p.terminate()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return crashed
