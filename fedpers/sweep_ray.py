@@ -1,8 +1,9 @@
 """A sweep's cells as Ray tasks on an existing cluster (``python -m fedpers.sweep GRID --ray-address A``).
 
 Each cell is one task that reserves ``--cell-cpus`` CPUs (its torch threads) and ``--cell-gpus`` GPUs and
-runs :func:`fedpers.sweep_exec.run_cell` on the node Ray picks. Results land in the cell's folder under
-its absolute path, which works with or without a shared file system:
+runs :func:`fedpers.sweep_exec.run_cell` on the node Ray picks, in the driver's working directory.
+Results land in the cell's folder under its absolute path, which works with or without a shared file
+system:
 
 - shared (NFS, a Slurm cluster's home or scratch, one machine): the task writes the folder in place;
 - not shared: the task writes the same path on its node's disk, then packs the folder, deletes its copy
@@ -32,14 +33,24 @@ class RayClusterError(RuntimeError):
     """The cluster cannot be reached, or no node can ever hold one cell's resources."""
 
 
-def _cell_task(cfg_yaml: str, out: str, marker: str, threads: int) -> tuple[str, str, bytes | None, str]:
-    """Runs on a Ray worker: the cell, then its folder shipped back unless the driver can already see it."""
+def _cell_task(cfg_yaml: str, out: str, marker: str, threads: int, cwd: str) -> tuple[str, str, bytes | None, str]:
+    """Runs on a Ray worker: the cell, then its folder shipped back unless the driver can already see it.
+
+    The cell runs in the driver's working directory (created if this node lacks it), so a relative
+    ``run.output_dir`` means the same folder as on the driver, and the config the cell saves is the one the
+    driver compares against to skip finished cells."""
     import torch
 
     from fedpers.sweep_exec import run_cell
 
     torch.set_num_threads(threads)
-    status, error = run_cell(cfg_yaml)
+    before = os.getcwd()
+    os.makedirs(cwd, exist_ok=True)
+    os.chdir(cwd)
+    try:
+        status, error = run_cell(cfg_yaml)
+    finally:
+        os.chdir(before)  # Ray reuses worker processes for later tasks
     blob = None
     folder = Path(out)
     if not Path(marker).exists() and folder.is_dir():
@@ -110,7 +121,8 @@ def run_ray(work: list[tuple[int, str]], outs: dict[int, Path], out_dir: Path, d
         # A node lost mid-cell makes Ray run the task again elsewhere; an exception in the cell does not
         # (run_cell catches it and reports it as the cell's error).
         task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2)(_ray_cell_task)
-        refs = {task.remote(y, str(outs[i].resolve()), str(marker), threads): i for i, y in work}
+        cwd = os.getcwd()
+        refs = {task.remote(y, str(outs[i].resolve()), str(marker), threads, cwd): i for i, y in work}
         log.warning("sweep: %d cells submitted to the Ray cluster (%g CPUs, %g GPUs each)", len(refs), cpus, gpus)
         nodes, shipped = set(), 0
         while refs:

@@ -119,8 +119,8 @@ def _rows(out: Path) -> list[dict]:
     return rows
 
 
-def _run(args: list[str], env: dict, timeout: float = 420) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True,
+def _run(args: list[str], env: dict, timeout: float = 420, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, check=False)
 
 
@@ -128,8 +128,9 @@ def test_sweep_on_a_two_node_cluster_equals_the_local_sweep(cluster, tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text(GRID)
     t0 = time.perf_counter()
-    ray_run = _run(["-m", "fedpers.sweep", str(grid), "--output-dir", str(tmp_path / "ray"), "--no-progress",
-                    "--ray-address", cluster["address"], "--cell-cpus", "1"], cluster["env"])
+    # A relative --output-dir: the tasks run in the driver's working directory, so it means the same folder.
+    ray_run = _run(["-m", "fedpers.sweep", str(grid), "--output-dir", "ray", "--no-progress",
+                    "--ray-address", cluster["address"], "--cell-cpus", "1"], cluster["env"], cwd=tmp_path)
     print(f"4 cells on the 2-node cluster: {time.perf_counter() - t0:.1f} s")
     assert ray_run.returncode == 0, ray_run.stderr[-4000:]
     assert "ran on 2 Ray nodes; 4 wrote into the shared folder" in ray_run.stderr, ray_run.stderr[-4000:]  # the second node took cells too
@@ -144,8 +145,8 @@ def test_sweep_on_a_two_node_cluster_equals_the_local_sweep(cluster, tmp_path):
         assert a["final"] == b["final"], cell
     assert not list((tmp_path / "ray").glob(".sweep-driver-*"))  # the driver's marker is gone
     # Resume through the cluster: nothing left to run, nothing submitted.
-    again = _run(["-m", "fedpers.sweep", str(grid), "--output-dir", str(tmp_path / "ray"), "--no-progress",
-                  "--ray-address", cluster["address"]], cluster["env"])
+    again = _run(["-m", "fedpers.sweep", str(grid), "--output-dir", "ray", "--no-progress",
+                  "--ray-address", cluster["address"]], cluster["env"], cwd=tmp_path)
     assert again.returncode == 0 and "4 already finished, 0 to run" in again.stderr, again.stderr[-2000:]
 
 

@@ -118,13 +118,14 @@ def test_results_ship_back_when_the_worker_cannot_see_the_driver_folder(tmp_path
     _, (ok, broken) = sweep.load_grid(g, output_dir=str(tmp_path / "out"))
     from fedpers.config import to_yaml
 
-    status, error, blob, _ = sweep_ray._cell_task(to_yaml(ok.cfg), str(ok.out), str(tmp_path / "no-marker"), 1)
+    status, error, blob, _ = sweep_ray._cell_task(to_yaml(ok.cfg), str(ok.out), str(tmp_path / "no-marker"), 1,
+                                                  str(tmp_path))
     assert (status, error) == ("ok", "") and blob and not ok.out.exists()
     sweep_ray.unpack(blob, ok.out)
     assert sweep.is_done(ok) and sweep.row_of(ok, "ok")["accuracy_mean"] > 0
     marker = tmp_path / "marker"
     marker.touch()
-    status, error, blob, _ = sweep_ray._cell_task(to_yaml(broken.cfg), str(broken.out), str(marker), 1)
+    status, error, blob, _ = sweep_ray._cell_task(to_yaml(broken.cfg), str(broken.out), str(marker), 1, str(tmp_path))
     assert status == "failed" and error.startswith("SafetensorError") and blob is None and broken.out.is_dir()
 
 
