@@ -1,6 +1,6 @@
 """``python -m fedpers.bench [--output FILE] [--device cpu|cuda] [--quick]``: the fast engine's benchmark.
 
-Prints and writes JSON with ``P1_overhead`` .. ``P6_cache`` (see issue #8), the machine, and the load
+Prints and writes JSON with ``P1_overhead`` .. ``P7_sweep``, the machine, and the load
 average before and after: every figure is a ratio measured within this one run, on a machine that may
 be shared, so read them with the recorded load in mind. ``--quick`` shrinks every part (and skips the
 Flower runs) so the test suite can smoke-run it in seconds. Never a pass/fail timing test.
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fedpers import bench_support as bs
+from fedpers.bench_sweep import p7_sweep
 
 # --quick: 3 of 30 small clients (~35 samples each), one local epoch: each part takes seconds.
 QUICK = ["run.num_clients=30", "run.clients_per_round=3", "client.local_epochs=1", "data.partitioner.alpha=1.0"]
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", help="JSON file to write (default: print only)")
     ap.add_argument("--device", default="cpu", help="device of the batched trainer in P3: cpu | cuda | cuda:N")
     ap.add_argument("--quick", action="store_true", help="tiny settings, no Flower runs (seconds; CI smoke)")
-    ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,profile", help="comma-separated parts to run")
+    ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,profile", help="comma-separated parts to run")
     ap.add_argument("--memory-child", nargs=2, type=int, metavar=("CLIENTS", "ROUNDS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": lambda t: profile_round(args.quick, t),
         "P4_memory": lambda t: p4_memory(args.quick),
         "P2_vs_flower": lambda t: p2_vs_flower(args.quick, t),
+        "P7_sweep": lambda t: p7_sweep(args.quick, t),
     }
     with tempfile.TemporaryDirectory(prefix="fedpers-bench-") as d:
         for key, fn in steps.items():

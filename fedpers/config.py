@@ -51,6 +51,8 @@ class RunConfig:
     max_upload_mb: float = 64.0  # replies whose arrays exceed this are rejected
     progress: bool = True  # show a progress bar over rounds
     num_cpus_per_client: float = 1.0  # Flower engine: CPU share of each simulated client
+    num_gpus_per_client: float = 0.0  # Flower engine: GPU share of each simulated client (0.5 = two clients per GPU)
+    ray_address: Optional[str] = None  # Flower engine: run the clients on this existing Ray cluster (HOST:PORT or auto); None = start a local Ray
     checkpoint_every: int = 1  # save server state to <output_dir>/checkpoint.pt every k rounds (0 = never)
     resume: bool = False  # continue from <output_dir>/checkpoint.pt (run.rounds may grow; other fields must match)
     holdout_clients: float = 0.0  # unseen clients, never trained, personalized after training: a fraction in (0, 1) or a whole count >= 1 (0 = none)
@@ -301,6 +303,13 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(r.client_timeout_s > 0, "run.client_timeout_s", f"must be > 0, got {r.client_timeout_s}")
     _require(r.max_upload_mb > 0, "run.max_upload_mb", f"must be > 0, got {r.max_upload_mb}")
     _require(r.num_cpus_per_client > 0, "run.num_cpus_per_client", f"must be > 0, got {r.num_cpus_per_client}")
+    _require(r.num_gpus_per_client >= 0, "run.num_gpus_per_client", f"must be >= 0, got {r.num_gpus_per_client}")
+    _require(r.num_gpus_per_client == 0 or r.engine == "flower", "run.num_gpus_per_client",
+             "needs run.engine=flower (the fast engine uses run.device)")
+    _require(r.ray_address is None or bool(r.ray_address.strip()), "run.ray_address",
+             "must be HOST:PORT of a running Ray head, 'auto', or null (start a local Ray)")
+    _require(r.ray_address is None or r.engine == "flower", "run.ray_address",
+             "needs run.engine=flower (the fast engine runs in this process; sweeps use --ray-address)")
     _require(bool(r.output_dir), "run.output_dir", "must not be empty")
     _require(r.checkpoint_every >= 0, "run.checkpoint_every", f"must be >= 0 (0 = never), got {r.checkpoint_every}")
     _require(r.cache_mb >= 0, "run.cache_mb", f"must be >= 0, got {r.cache_mb}")

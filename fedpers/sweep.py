@@ -11,6 +11,9 @@ A grid file (see ``experiments/configs/benchmark.yaml``)::
 Every cell runs on the in-process engine. A cell whose folder holds a ``summary.json`` written for the
 same resolved config is skipped, so an interrupted grid resumes where it stopped. The grid writes
 ``runs.csv`` (one row per cell), ``table.md`` (mean +- std over seeds) and ``plots/*.png``.
+
+Cells run in ``--jobs N`` local worker processes (default: one per core, the cores' torch threads
+divided among them), or with ``--ray-address`` as tasks on an existing Ray cluster (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from fedpers.config import ConfigError, ExperimentConfig, from_layers, from_yaml, to_yaml
+from fedpers.sweep_exec import run_grid  # the executors live there; run_grid stays importable from here
 
 log = logging.getLogger("fedpers")
 
@@ -299,42 +303,27 @@ def plot(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def run_grid(out_dir: Path, cells: list[Cell], progress: bool = True) -> list[dict]:
-    from fedpers import simulate
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows: dict[int, dict] = {}
-    todo = []
-    for i, cell in enumerate(cells):
-        if is_done(cell):
-            rows[i] = row_of(cell, "ok")
-        else:
-            todo.append(i)
-    log.warning("grid: %d cells, %d already finished, %d to run", len(cells), len(cells) - len(todo), len(todo))
-    bar = _bar(todo, progress)
-    for i in bar:
-        cell = cells[i]
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{cell.partition}/{cell.strategy}/seed{cell.seed}")
-        (cell.out / "summary.json").unlink(missing_ok=True)  # a stale summary must not mark a rerun done
-        try:
-            simulate.run(cell.cfg, overwrite=True)  # an unfinished cell's folder is the grid's to redo
-            rows[i] = row_of(cell, "ok")
-        except Exception as e:  # one broken cell must not lose the rest of the grid; its reason is recorded
-            log.exception("cell %s/%s/seed%s failed", cell.partition, cell.strategy, cell.seed)
-            rows[i] = row_of(cell, "failed", f"{type(e).__name__}: {e}")
-        write_csv([rows[k] for k in sorted(rows)], out_dir / "runs.csv")
-    ordered = [rows[k] for k in sorted(rows)]
-    write_csv(ordered, out_dir / "runs.csv")
-    return ordered
-
-
-def _bar(it, enabled: bool):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc="grid", unit="cell", dynamic_ncols=True)
+def execution_flags(args) -> dict | None:
+    """Check --jobs / --ray-address / --cell-cpus / --cell-gpus; the Ray settings, or None for local."""
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError("--jobs", f"must be >= 1, got {args.jobs}")
+    if args.ray_address is None:
+        for flag, value in (("--cell-cpus", args.cell_cpus), ("--cell-gpus", args.cell_gpus)):
+            if value is not None:
+                raise ConfigError(flag, "only applies with --ray-address (local cells use --jobs)")
+        return None
+    if args.jobs is not None:
+        raise ConfigError("--jobs", "does not apply with --ray-address: Ray runs as many cells at once as "
+                                    "the cluster has room for (--cell-cpus, --cell-gpus)")
+    if not args.ray_address.strip():
+        raise ConfigError("--ray-address", "must be HOST:PORT of a running Ray head, or 'auto'")
+    cpus = 1.0 if args.cell_cpus is None else args.cell_cpus
+    gpus = 0.0 if args.cell_gpus is None else args.cell_gpus
+    if cpus <= 0:
+        raise ConfigError("--cell-cpus", f"must be > 0, got {cpus}")
+    if gpus < 0:
+        raise ConfigError("--cell-gpus", f"must be >= 0, got {gpus}")
+    return {"address": args.ray_address.strip(), "cpus": cpus, "gpus": gpus}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -350,10 +339,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--report-only", action="store_true",
                     help="write runs.csv, table.md and plots from the finished cells; run nothing (the rest are listed as missing)")
+    ap.add_argument("--jobs", type=int, help="cells run at once in local worker processes, each with cores/N torch "
+                    "threads (default: one per core; 1 = in this process)")
+    ap.add_argument("--ray-address", help="run the cells as tasks on an existing Ray cluster: its address "
+                    "(HOST:PORT) or 'auto' (see docs/cluster.md)")
+    ap.add_argument("--cell-cpus", type=float, help="with --ray-address: CPUs each cell reserves, and its torch threads (default 1)")
+    ap.add_argument("--cell-gpus", type=float, help="with --ray-address: GPUs each cell reserves (default 0)")
     args = ap.parse_intermixed_args(argv)  # overrides may come before or after the options
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     only = {k: getattr(args, k).split(",") for k in ("strategies", "partitions", "seeds") if getattr(args, k)}
     try:
+        ray = execution_flags(args)
         out_dir, cells = load_grid(args.grid, args.overrides, only, args.output_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -368,7 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_csv(rows, out_dir / "runs.csv")
     else:
-        rows = run_grid(out_dir, cells, progress=not args.no_progress)
+        from fedpers.sweep_ray import RayClusterError
+
+        try:
+            rows = run_grid(out_dir, cells, progress=not args.no_progress, jobs=args.jobs, ray=ray)
+        except RayClusterError as e:  # raised before any cell is submitted
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     wall = time.perf_counter() - t0
     title = f"{Path(args.grid).name}: {len(cells)} cells"
     print(write_table(rows, out_dir / "table.md", title))

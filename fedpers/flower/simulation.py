@@ -15,6 +15,17 @@ FLOWER_ENV_DEFAULTS = {
 }
 
 
+def backend_config(cfg: ExperimentConfig) -> dict:
+    """Flower's Ray backend settings: each client's resources and, with ``run.ray_address``, the existing
+    cluster to join (the backend passes ``init_args`` to ``ray.init``; on an existing cluster Ray refuses
+    num_cpus/num_gpus there, so only the address goes in, and shutting down only disconnects)."""
+    r = cfg.run
+    out: dict = {"client_resources": {"num_cpus": r.num_cpus_per_client, "num_gpus": r.num_gpus_per_client}}
+    if r.ray_address is not None:
+        out["init_args"] = {"address": r.ray_address}
+    return out
+
+
 def run_flower_simulation(cfg: ExperimentConfig) -> dict:
     for k, v in FLOWER_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
@@ -33,7 +44,7 @@ def run_flower_simulation(cfg: ExperimentConfig) -> dict:
             server_app=make_server_app(cfg, result),
             client_app=client_app,
             num_supernodes=cfg.run.num_clients,
-            backend_config={"client_resources": {"num_cpus": cfg.run.num_cpus_per_client, "num_gpus": 0.0}},
+            backend_config=backend_config(cfg),
         )
     finally:
         if previous is None:

@@ -1,0 +1,165 @@
+"""A two-node Ray cluster on 127.0.0.1 (a head and a second node, one CPU each), started here with
+``ray start`` and torn down here: a sweep through ``--ray-address`` equals the same sweep run locally, and
+Flower's simulation engine joins the cluster through ``run.ray_address``.
+
+Teardown kills the process groups this module started (``ray start --block`` keeps every Ray process of
+its node in its group), never ``ray stop``: that stops every Ray process of the user on the machine."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 120
+GRID = """
+base:
+  run: {rounds: 1, num_clients: 3, clients_per_round: 2, holdout_clients: 1, unseen_rounds: 1}
+  data.partitioner.alpha: 1.0
+  client.local_epochs: 1
+strategies: [fedvpt, pfedpg]
+partitions: {dir1.0: {data.partitioner.name: dirichlet}}
+seeds: [0, 1]
+"""
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _node_ports(flags: list[str]) -> list[str]:
+    # Every port a node listens on is chosen here: the defaults are fixed numbers that another Ray on this
+    # machine (someone else's cluster, a Flower simulation) may hold.
+    ports = _free_ports(len(flags) + 2)
+    out = [x for flag, p in zip(flags, ports, strict=False) for x in (flag, str(p))]
+    lo = max(ports[-2:]) + 1
+    return out + ["--min-worker-port", str(lo), "--max-worker-port", str(lo + 40)]
+
+
+def _env(home: str) -> dict:
+    env = dict(os.environ, HOME=home, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+def _wait_started(log: Path, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if "Ray runtime started" in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    raise RuntimeError(f"ray start did not come up:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)  # the group this module created with start_new_session
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        # the group leader exited; Ray's own children may still be going down
+        time.sleep(1)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    tmp = tempfile.mkdtemp(prefix="fr", dir="/tmp")  # short: Ray's socket paths live under it
+    env = _env(tmp)
+    procs = []
+    try:
+        port = _free_ports(1)[0]
+        common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats", "--block"]
+        agent = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
+        head = ["ray", "start", "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir",
+                f"{tmp}/ray", *common, *_node_ports(["--ray-client-server-port", *agent])]
+        worker = ["ray", "start", "--address", f"127.0.0.1:{port}", *common, *_node_ports(agent)]
+        for name, cmd in (("head", head), ("node2", worker)):
+            log = Path(tmp) / f"{name}.log"
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+            _wait_started(log, procs[-1])
+        yield {"address": f"127.0.0.1:{port}", "env": env, "tmp": Path(tmp)}
+    finally:
+        for p in reversed(procs):
+            _stop(p)
+        subprocess.run(["rm", "-rf", tmp], check=False)
+
+
+def _rows(out: Path) -> list[dict]:
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    for r in rows:
+        r.pop("output_dir"), r.pop("wall_time_s")
+    return rows
+
+
+def _run(args: list[str], env: dict, timeout: float = 420, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_sweep_on_a_two_node_cluster_equals_the_local_sweep(cluster, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID)
+    t0 = time.perf_counter()
+    # A relative --output-dir: the tasks run in the driver's working directory, so it means the same folder.
+    ray_run = _run(["-m", "fedpers.sweep", str(grid), "--output-dir", "ray", "--no-progress",
+                    "--ray-address", cluster["address"], "--cell-cpus", "1"], cluster["env"], cwd=tmp_path)
+    print(f"4 cells on the 2-node cluster: {time.perf_counter() - t0:.1f} s")
+    assert ray_run.returncode == 0, ray_run.stderr[-4000:]
+    assert "ran on 2 Ray nodes; 4 wrote into the shared folder" in ray_run.stderr, ray_run.stderr[-4000:]  # the second node took cells too
+    local = _run(["-m", "fedpers.sweep", str(grid), "--output-dir", str(tmp_path / "local"), "--no-progress",
+                  "--jobs", "1"], cluster["env"])
+    assert local.returncode == 0, local.stderr[-4000:]
+    rows = _rows(tmp_path / "ray")
+    assert [r["status"] for r in rows] == ["ok"] * 4 and rows == _rows(tmp_path / "local")
+    for r in rows:
+        cell = f"dir1.0/{r['strategy']}/seed{r['seed']}"
+        a, b = (json.loads((tmp_path / d / cell / "summary.json").read_text()) for d in ("ray", "local"))
+        assert a["final"] == b["final"], cell
+    assert not list((tmp_path / "ray").glob(".sweep-driver-*"))  # the driver's marker is gone
+    # Resume through the cluster: nothing left to run, nothing submitted.
+    again = _run(["-m", "fedpers.sweep", str(grid), "--output-dir", "ray", "--no-progress",
+                  "--ray-address", cluster["address"]], cluster["env"], cwd=tmp_path)
+    assert again.returncode == 0 and "4 already finished, 0 to run" in again.stderr, again.stderr[-2000:]
+
+
+def test_flower_simulation_joins_the_cluster(cluster, tmp_path):
+    out = tmp_path / "flower"
+    res = _run(["-m", "fedpers.simulate", "run.engine=flower", f"run.ray_address={cluster['address']}",
+                "run.num_clients=2", "run.clients_per_round=2", "run.rounds=1", "client.local_epochs=1",
+                "data.partitioner.alpha=1.0", "run.progress=false", f"run.output_dir={out}"], cluster["env"])
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1 and len(summary["final"]["per_client"]) == 2
+    # Flower disconnected from the cluster without shutting it down: a later driver still finds both nodes.
+    code = (f"import ray; ray.init(address={cluster['address']!r}, logging_level='ERROR'); "
+            "print(sum(n['Alive'] for n in ray.nodes()))")
+    probe = _run(["-c", code], cluster["env"], 120)
+    assert probe.stdout.strip().splitlines()[-1] == "2", probe.stderr[-2000:]
