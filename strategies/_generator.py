@@ -97,8 +97,11 @@ def step_rows(optimizer: torch.optim.Optimizer, descriptors: nn.Parameter, rows:
                    if torch.is_tensor(v) and v.shape == descriptors.shape}
     optimizer.step()
     descriptors.data[keep] = saved
-    for k, v in saved_state.items():
-        optimizer.state[descriptors][k][keep] = v
+    for k, v in optimizer.state[descriptors].items():
+        if k in saved_state:
+            v[keep] = saved_state[k]
+        elif torch.is_tensor(v) and v.shape == descriptors.shape:
+            v[keep] = 0.0  # state created by this step: absent rows start from zero, as if never stepped
 
 
 class GeneratorStrategy(Strategy):
