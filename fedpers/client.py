@@ -1,6 +1,7 @@
 """One client's round: (frozen backbone, personal state, received tensors, its data) -> reply + new state.
 
-Engine-agnostic: the Flower ClientApp and the in-process engine both call :func:`client_round`.
+Engine-agnostic: the Flower ClientApp and the in-process engine both call
+:func:`fedpers.rounds.client_round`, which hands these blocks to the client's strategy.
 
 A client holds named tensors: the backbone's trainable tensors (``prompts`` for a prompted ViT) and
 its linear head (``head.weight``, ``head.bias``). Each round it starts every tensor from what the
@@ -22,11 +23,9 @@ import torch.nn.functional as F
 from fedpers import cache
 from fedpers.config import ExperimentConfig
 from fedpers.data import ClientData, build_federated, get_dataset_info
-from fedpers.dp import privatize_reply
 from fedpers.models.backbones import adapter_shapes, load_model
 from fedpers.models.prompted import backbone_from_config
 from fedpers.payload import DTYPE, Reply
-from strategies import get_strategy_class
 
 def seed_for(*parts: int) -> int:
     """A torch seed derived from (seed, round, partition-id, ...), stable across processes."""
@@ -46,14 +45,15 @@ def client_tensor_shapes(cfg: ExperimentConfig, num_classes: int, dim: int) -> d
     ``backbone.<timm parameter name>``."""
     from fedpers.models.prompted import backbone_depth
 
-    cls = get_strategy_class(cfg.strategy.name)
+    # What the strategy trains is declared on its config class (copied there by register_strategy), so
+    # the client blocks need no strategy lookup.
     k = cfg.model.num_prompts
-    if getattr(cls, "deep_prompts", False):
+    if getattr(cfg.strategy, "deep_prompts", False):
         shapes = {"deep_prompts": (backbone_depth(cfg.model.backbone), k, dim)}
     else:
         shapes = dict(adapter_shapes(cfg.model, dim))
     shapes.update({"head.weight": (num_classes, dim), "head.bias": (num_classes,)})
-    if getattr(cls, "trains_backbone", False):
+    if getattr(cfg.strategy, "trains_backbone", False):
         shapes.update({k: tuple(v.shape) for k, v in backbone_tensors(cfg).items()})
     return shapes
 
@@ -319,19 +319,3 @@ def default_client_update(strategy_cls, ctx: ClientContext, received: dict[str, 
     losses = fit(ctx, tensors, list(tensors), None, steps=local_budget(ctx))
     sends, personal = strategy_cls.tensor_roles(ctx.shapes)
     return finish(ctx, sends, personal, received, tensors, losses)
-
-
-def client_round(
-    cfg: ExperimentConfig,
-    partition_id: int,
-    server_round: int,
-    received: dict[str, np.ndarray],
-    state: dict[str, np.ndarray],
-    data: ClientData | None = None,
-) -> tuple[Reply, dict[str, np.ndarray]]:
-    """``data``: the device's own data (deployment); None = this partition of the simulated federation."""
-    strategy_cls = get_strategy_class(cfg.strategy.name)
-    ctx = make_context(cfg, partition_id, server_round, data)
-    reply, state = strategy_cls.client_update(ctx, received, state)
-    reply.arrays = privatize_reply(cfg, reply.arrays, server_round, partition_id)  # identity unless dp.clip_norm > 0
-    return reply, state

@@ -16,6 +16,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedpers.errors import ConfigError  # noqa: F401  (re-exported: fedpers.config.ConfigError)
+
 # Every flwr-datasets label/quantity partitioner that applies to a labelled dataset (registry:
 # fedpers.data.schemes); the vertical and continuous ones do not split a labelled image set.
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard", "inner_dirichlet", "size", "linear", "square",
@@ -25,14 +27,6 @@ MODALITIES = ("vision", "text")
 ADAPTERS = ("prompt", "prefix", "lora")
 ENGINES = ("flower", "fast", "inprocess")
 DEVICES = ("cpu", "cuda", "cuda:N")
-
-
-class ConfigError(ValueError):
-    """A config field has a bad value. ``field`` is the dotted key."""
-
-    def __init__(self, field_name: str, message: str):
-        self.field = field_name
-        super().__init__(f"config field '{field_name}': {message}")
 
 
 @dataclass
