@@ -165,7 +165,7 @@ class GeneratorStrategy(Strategy):
         (grad,), norm = chain_rule_grads(prompts, [self._unseen_desc], updates, "uniform")
         self._unseen_opt.zero_grad(set_to_none=True)
         self._unseen_desc.grad = grad
-        self._unseen_opt.step()
+        step_rows(self._unseen_opt, self._unseen_desc, [self._unseen[u.partition_id] for u in updates])
         return {"unseen_pseudo_grad_norm": norm}
 
     def state_dict(self):
