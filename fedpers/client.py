@@ -27,6 +27,7 @@ from fedpers.models.backbones import adapter_shapes, load_model
 from fedpers.models.prompted import backbone_from_config
 from fedpers.payload import DTYPE, Reply
 
+
 def seed_for(*parts: int) -> int:
     """A torch seed derived from (seed, round, partition-id, ...), stable across processes."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])

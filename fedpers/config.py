@@ -16,7 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fedpers.errors import ConfigError  # noqa: F401  (re-exported: fedpers.config.ConfigError)
+from fedpers.errors import ConfigError  # re-exported: callers import fedpers.config.ConfigError
 
 # Every flwr-datasets label/quantity partitioner that applies to a labelled dataset (registry:
 # fedpers.data.schemes); the vertical and continuous ones do not split a labelled image set.

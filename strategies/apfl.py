@@ -20,8 +20,8 @@ trained first (half the budget), then v through the mixture with w fixed (the ot
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ def _personal_start(ctx, state):
 class APFLConfig(AveragingConfig):
     name: str = "apfl"
     alpha: float = 0.5  # initial mixing weight of the personal model in alpha*v + (1-alpha)*w, in [0, 1]; adapted per client
-    alpha_lr: Optional[float] = None  # step size of the alpha update (eq. 10); None: client.lr, the paper's single eta for w, v and alpha
+    alpha_lr: float | None = None  # step size of the alpha update (eq. 10); None: client.lr, the paper's single eta for w, v and alpha
 
     def validate(self) -> None:
         super().validate()
@@ -110,8 +110,10 @@ class APFL(Averaging):
         batches = max(1, local_budget(ctx) // 2)  # one w step + one v step per mini-batch
         for idx in batch_indices(ctx, batches):
             x = tokens(idx)
-            loss, alpha = apfl_step(w, v, alpha, lambda t: F.cross_entropy(token_logits(ctx, x, t), y[idx]),
-                                    opt_w, opt_v, alpha_lr)
+            def loss_of(t, x=x, idx=idx):
+                return F.cross_entropy(token_logits(ctx, x, t), y[idx])
+
+            loss, alpha = apfl_step(w, v, alpha, loss_of, opt_w, opt_v, alpha_lr)
             losses.append(loss)
         w = {k: t.detach() for k, t in w.items()}
         v = {k: t.detach() for k, t in v.items()}

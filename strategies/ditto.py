@@ -13,6 +13,7 @@ passes, counted in mini-batch steps): ``personal_fraction`` of the steps on v, t
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 from strategies._avg import PERSONAL, Averaging, AveragingConfig, as_torch, sq_distance

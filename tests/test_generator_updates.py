@@ -60,8 +60,8 @@ def test_pfedhn_per_reply_is_one_sgd_momentum_step_per_client_in_order():
     """Reference: the same hypernetwork, stepped by hand for client 1 then client 3 (each gradient taken
     after the previous step), SGD with momentum 0.9 and weight decay; rows of absent clients frozen."""
     lr, mom, wd = 0.05, 0.9, 1e-3
-    cfg = dict(server_optimizer="sgd", server_lr=lr, server_momentum=mom, server_weight_decay=wd,
-               server_steps="per_reply", embed_dim=3, hidden_dim=5, n_hidden=1)
+    cfg = {"server_optimizer": "sgd", "server_lr": lr, "server_momentum": mom, "server_weight_decay": wd,
+           "server_steps": "per_reply", "embed_dim": 3, "hidden_dim": 5, "n_hidden": 1}
     s = make("pfedhn", **cfg)
     ref = make("pfedhn", **cfg)
     params = dict(ref.generator.named_parameters())

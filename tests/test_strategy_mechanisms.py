@@ -3,7 +3,6 @@ by hand: FedRep's schedule, Ditto's proximal pull, APFL's interleaved step and a
 limits of apfl_fixed, FFA-LoRA's frozen A, FedSA-LoRA's private B, HetLoRA's aggregate and self-pruning.
 (The one local budget every strategy gets is checked in the conformance suite.)"""
 
-import json
 
 import numpy as np
 import pytest
