@@ -1,6 +1,7 @@
 """One client's round: (frozen backbone, personal state, received tensors, its data) -> reply + new state.
 
-Engine-agnostic: the Flower ClientApp and the in-process engine both call :func:`client_round`.
+Engine-agnostic: the Flower ClientApp and the in-process engine both call
+:func:`fedpers.rounds.client_round`, which hands these blocks to the client's strategy.
 
 A client holds named tensors: the backbone's trainable tensors (``prompts`` for a prompted ViT) and
 its linear head (``head.weight``, ``head.bias``). Each round it starts every tensor from what the
@@ -22,11 +23,10 @@ import torch.nn.functional as F
 from fedpers import cache
 from fedpers.config import ExperimentConfig
 from fedpers.data import ClientData, build_federated, get_dataset_info
-from fedpers.dp import privatize_reply
 from fedpers.models.backbones import adapter_shapes, load_model
 from fedpers.models.prompted import backbone_from_config
 from fedpers.payload import DTYPE, Reply
-from strategies import get_strategy_class
+
 
 def seed_for(*parts: int) -> int:
     """A torch seed derived from (seed, round, partition-id, ...), stable across processes."""
@@ -46,14 +46,15 @@ def client_tensor_shapes(cfg: ExperimentConfig, num_classes: int, dim: int) -> d
     ``backbone.<timm parameter name>``."""
     from fedpers.models.prompted import backbone_depth
 
-    cls = get_strategy_class(cfg.strategy.name)
+    # What the strategy trains is declared on its config class (copied there by register_strategy), so
+    # the client blocks need no strategy lookup.
     k = cfg.model.num_prompts
-    if getattr(cls, "deep_prompts", False):
+    if getattr(cfg.strategy, "deep_prompts", False):
         shapes = {"deep_prompts": (backbone_depth(cfg.model.backbone), k, dim)}
     else:
         shapes = dict(adapter_shapes(cfg.model, dim))
     shapes.update({"head.weight": (num_classes, dim), "head.bias": (num_classes,)})
-    if getattr(cls, "trains_backbone", False):
+    if getattr(cfg.strategy, "trains_backbone", False):
         shapes.update({k: tuple(v.shape) for k, v in backbone_tensors(cfg).items()})
     return shapes
 
@@ -178,20 +179,58 @@ def frozen_features(ctx: ClientContext, x: torch.Tensor, tensors: dict[str, torc
                                  lambda t: ctx.model.features_with(t, tensors))
 
 
+def steps_per_epoch(ctx: ClientContext) -> int:
+    return max(1, -(-ctx.data.num_train // ctx.cfg.client.batch_size))
+
+
+def local_budget(ctx: ClientContext) -> int:
+    """The local compute every strategy gets per round, in optimizer steps on one mini-batch:
+    ``client.local_epochs`` passes over the client's training split. Two-phase strategies (FedRep,
+    Ditto, APFL) split this count between their phases instead of running each phase for full epochs."""
+    return ctx.cfg.client.local_epochs * steps_per_epoch(ctx)
+
+
+def split_budget(ctx: ClientContext, first_fraction: float) -> tuple[int, int]:
+    """``local_budget`` split into two phases, each at least one step."""
+    total = local_budget(ctx)
+    first = min(max(1, round(total * first_fraction)), max(1, total - 1))
+    return first, max(1, total - first)
+
+
+def batch_indices(ctx: ClientContext, steps: int, salt: int = 0):
+    """``steps`` mini-batch index tensors, drawn as :func:`fit` draws them (seeded passes over the data)."""
+    g = ctx.generator(*((salt,) if salt else ()))
+    n, b = ctx.data.num_train, ctx.cfg.client.batch_size
+    done = 0
+    while done < steps:
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, b):
+            if done == steps:
+                return
+            done += 1
+            yield order[i : i + b]
+
+
 def fit(
     ctx: ClientContext,
     tensors: dict[str, torch.Tensor],
     trainable: Iterable[str],
-    epochs: int,
+    epochs: int | None,
     extra_loss: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
     salt: int = 0,
     view: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    steps: int | None = None,
 ) -> list[float]:
-    """SGD on ``trainable`` tensors (in place) for ``epochs`` passes; returns per-step losses.
+    """SGD on ``trainable`` tensors (in place) for ``epochs`` passes, or exactly ``steps`` mini-batch
+    steps (``epochs=None``; passes continue with a fresh order until the count is reached); returns
+    per-step losses, one per optimizer step.
 
     ``extra_loss`` adds a term to every step's loss (e.g. a proximal term). ``view`` maps ``tensors``
     to the client tensors the model runs with (e.g. APFL's mixture of personal and global tensors)."""
     c = ctx.cfg.client
+    if (epochs is None) == (steps is None):
+        raise ValueError("fit: give exactly one of epochs and steps")
+    limit = steps if steps is not None else epochs * steps_per_epoch(ctx)
     names = [n for n in trainable]
     for n in names:
         tensors[n].requires_grad_(True)
@@ -205,10 +244,12 @@ def fit(
     head_only = frozen and view is None and not any(k in names for k in non_head_tensors(tensors))
     feats = frozen_features(ctx, data.x_train, tensors) if head_only else None
     n = data.num_train
-    losses = []
-    for _ in range(epochs):
+    losses: list[float] = []
+    while len(losses) < limit:
         order = torch.randperm(n, generator=g)
         for i in range(0, n, c.batch_size):
+            if len(losses) == limit:
+                break
             idx = order[i : i + c.batch_size]
             used = view(tensors) if view is not None else tensors
             if feats is not None:
@@ -247,9 +288,12 @@ def evaluate(ctx: ClientContext, tensors: dict[str, torch.Tensor]) -> tuple[floa
 def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], received: dict[str, np.ndarray],
            trained: dict[str, torch.Tensor], losses: list[float],
            eval_tensors: dict[str, torch.Tensor] | None = None,
-           eval_result: tuple[float, float] | None = None) -> tuple[Reply, dict[str, np.ndarray]]:
+           eval_result: tuple[float, float] | None = None, local_steps: int | None = None,
+           extra_metrics: dict[str, float] | None = None) -> tuple[Reply, dict[str, np.ndarray]]:
     """Deltas of the sent tensors, the new personal state, and metrics (evaluated on ``eval_tensors``,
-    default ``trained``; or given as ``eval_result`` = (loss, accuracy) by a batched evaluator)."""
+    default ``trained``; or given as ``eval_result`` = (loss, accuracy) by a batched evaluator).
+    ``local_steps``: optimizer steps this round (default: one per loss in ``losses``), reported so that
+    tables can show every strategy's local compute next to its accuracy."""
     arrays = {
         f"delta/{k}": (trained[k].detach() - torch.from_numpy(np.asarray(received[k], dtype=DTYPE)))
         .numpy().astype(DTYPE)
@@ -257,36 +301,22 @@ def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], re
     }
     state = {k: trained[k].detach().numpy().astype(DTYPE).copy() for k in personal}
     test_loss, test_acc = eval_result or evaluate(ctx, eval_tensors if eval_tensors is not None else trained)
-    steps_per_epoch = max(1, -(-ctx.data.num_train // ctx.cfg.client.batch_size))
+    per_epoch = steps_per_epoch(ctx)
     metrics = {
-        "train_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else float("nan"),
+        "train_loss": float(np.mean(losses[-per_epoch:])) if losses else float("nan"),
         "test_loss": test_loss,
         "test_accuracy": test_acc,
         "num_test": float(len(ctx.data.y_test)),
+        "local_steps": float(len(losses) if local_steps is None else local_steps),
+        **(extra_metrics or {}),
     }
     return Reply(ctx.partition_id, arrays, ctx.data.num_train, metrics), state
 
 
 def default_client_update(strategy_cls, ctx: ClientContext, received: dict[str, np.ndarray],
                           state: dict[str, np.ndarray]) -> tuple[Reply, dict[str, np.ndarray]]:
-    """Train every client tensor jointly for ``client.local_epochs``; reply with deltas of sent ones."""
+    """Train every client tensor jointly for the local budget; reply with deltas of sent ones."""
     tensors = start_tensors(ctx, received, state)
-    losses = fit(ctx, tensors, list(tensors), ctx.cfg.client.local_epochs)
+    losses = fit(ctx, tensors, list(tensors), None, steps=local_budget(ctx))
     sends, personal = strategy_cls.tensor_roles(ctx.shapes)
     return finish(ctx, sends, personal, received, tensors, losses)
-
-
-def client_round(
-    cfg: ExperimentConfig,
-    partition_id: int,
-    server_round: int,
-    received: dict[str, np.ndarray],
-    state: dict[str, np.ndarray],
-    data: ClientData | None = None,
-) -> tuple[Reply, dict[str, np.ndarray]]:
-    """``data``: the device's own data (deployment); None = this partition of the simulated federation."""
-    strategy_cls = get_strategy_class(cfg.strategy.name)
-    ctx = make_context(cfg, partition_id, server_round, data)
-    reply, state = strategy_cls.client_update(ctx, received, state)
-    reply.arrays = privatize_reply(cfg, reply.arrays, server_round, partition_id)  # identity unless dp.clip_norm > 0
-    return reply, state

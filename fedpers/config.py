@@ -18,6 +18,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedpers.errors import ConfigError  # re-exported: callers import fedpers.config.ConfigError
+
 # Every flwr-datasets label/quantity partitioner that applies to a labelled dataset (registry:
 # fedpers.data.schemes); the vertical and continuous ones do not split a labelled image set.
 PARTITIONERS = ("iid", "dirichlet", "pathological", "shard", "inner_dirichlet", "size", "linear", "square",
@@ -28,14 +30,6 @@ ADAPTERS = ("prompt", "prefix", "lora")
 ENGINES = ("flower", "fast", "inprocess")
 DEVICES = ("cpu", "cuda", "cuda:N")
 SECTIONS = ("run", "data", "model", "client", "dp", "strategy")
-
-
-class ConfigError(ValueError):
-    """A config field has a bad value. ``field`` is the dotted key."""
-
-    def __init__(self, field_name: str, message: str):
-        self.field = field_name
-        super().__init__(f"config field '{field_name}': {message}")
 
 
 @dataclass

@@ -28,9 +28,11 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 import torch
 
-from fedpers.client import client_round, make_context, privatize_reply
+from fedpers.client import make_context
 from fedpers.config import ExperimentConfig
+from fedpers.dp import privatize_reply
 from fedpers.payload import Failure, Reply
+from fedpers.rounds import client_round
 from strategies import get_strategy_class
 
 log = logging.getLogger("fedpers")

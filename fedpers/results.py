@@ -39,8 +39,25 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+CLIENT_EXTRAS = ("local_steps", "alpha", "rank")
+
+
+def _steps(ok: list[Reply]) -> dict | None:
+    """Local optimizer steps per client this round (None when no reply reported them)."""
+    steps = [float(u.metrics["local_steps"]) for u in ok if "local_steps" in u.metrics]
+    return {"mean": float(np.mean(steps)), "min": min(steps), "max": max(steps)} if steps else None
+
+
 def _lean(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "clients"}
+
+
+def _steps_summary(per_round: list[dict | None]) -> dict | None:
+    rounds = [r for r in per_round if r]
+    if not rounds:
+        return None
+    return {"per_client_round": float(np.mean([r["mean"] for r in rounds])),
+            "min": min(r["min"] for r in rounds), "max": max(r["max"] for r in rounds)}
 
 
 class Ledger:
@@ -96,10 +113,13 @@ class Ledger:
                     "test_loss": u.metrics["test_loss"],
                     "train_loss": u.metrics["train_loss"],
                     "num_examples": int(u.num_examples),
+                    # strategy-reported per-client numbers: local_steps (every strategy), alpha (apfl), rank (hetlora)
+                    **{k: float(u.metrics[k]) for k in CLIENT_EXTRAS if k in u.metrics},
                 }
                 for u in ok
             },
             **_stats(acc),
+            "local_steps": _steps(ok),
             "bytes_up": int(sum(up)),
             "bytes_down": int(sum(bytes_down.values())),
             "bytes_up_per_client": float(np.mean(up)) if up else 0.0,
@@ -140,6 +160,9 @@ class Ledger:
                 "total_down": int(sum(r["bytes_down"] for r in self.rows)),
             },
             "params": {"down_per_client_round": self.params_down, "up_per_client_round": self.params_up},
+            # local compute: optimizer steps per client per round (mean over rounds of the per-round mean; min
+            # and max over every client and round), so tables can show every strategy's budget
+            "local_steps": _steps_summary([r.get("local_steps") for r in self.rows]),
             "unseen": None if self.unseen is None else {
                 "partition_ids": self.unseen["partition_ids"],
                 "per_client": {str(k): v for k, v in sorted(unseen_acc.items())},

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from fedpers.errors import ConfigError
+
 
 def require(ok: bool, field_name: str, message: str) -> None:
     if not ok:
-        from fedpers.config import ConfigError
-
         raise ConfigError(f"strategy.{field_name}", message)
 
 

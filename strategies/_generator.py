@@ -5,6 +5,16 @@ A client's reply ``delta_n = P~_n - P_n`` is treated as the negative gradient of
 the prompts ``P_n`` it received, and pushed into every generator parameter by the chain rule:
 ``autograd.grad(P, params, grad_outputs=-w_n * delta_n)`` followed by an optimizer step.
 
+Clients that did not reply: a round changes neither their descriptors nor those rows of the optimizer's
+state (:func:`step_rows`). With Adam or momentum a plain ``optimizer.step()`` would keep moving an absent
+client's descriptor from its stale moments, silently changing what that client receives next (the rows
+of a torch ``SparseAdam`` behave the same way; bias correction still uses the parameter's global count).
+
+Optimizer: ``server_optimizer`` (adam | sgd) with ``server_momentum`` and ``server_weight_decay``;
+``server_steps=per_round`` takes one step on the weighted sum of the round's replies (pFedPG),
+``per_reply`` one step per reply in partition-id order (pFedHN's Algorithm 1: one hypernetwork step per
+client it trains).
+
 Unseen clients: the trained generator is frozen; a held-out client gets a new descriptor (initialised
 at the mean of the trained clients' descriptors) and only that descriptor is fitted, by the same chain
 rule, from the deltas the client returns over a few exchanges (pFedHN's novel-client procedure, with the
@@ -28,12 +38,20 @@ from strategies.base import ClientUpdate, Strategy, StrategyConfig, weights_of
 class GeneratorConfig(StrategyConfig):
     server_lr: float = 1e-3  # generator learning rate
     server_optimizer: str = "adam"  # adam | sgd
+    server_momentum: float = 0.0  # SGD momentum of the generator optimizer (sgd only; pFedHN's code: 0.9)
+    server_weight_decay: float = 0.0  # L2 weight decay of the generator optimizer (pFedHN's code: 1e-3)
+    server_steps: str = "per_round"  # per_round: one step on the weighted sum of the round's replies | per_reply: one step per reply, in partition-id order
     weighting: str = "uniform"  # how client deltas are weighted in the generator update: uniform | num_examples
     unseen_lr: float = 0.05  # Adam learning rate of a held-out client's descriptor (generator frozen)
 
     def validate(self) -> None:
         require(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")
         require_choice(self.server_optimizer, "server_optimizer", ("adam", "sgd"))
+        require(0 <= self.server_momentum < 1, "server_momentum", f"must be in [0, 1), got {self.server_momentum}")
+        require(self.server_momentum == 0 or self.server_optimizer == "sgd", "server_momentum",
+                "applies to server_optimizer=sgd only (Adam has its own moments)")
+        require(self.server_weight_decay >= 0, "server_weight_decay", f"must be >= 0, got {self.server_weight_decay}")
+        require_choice(self.server_steps, "server_steps", ("per_round", "per_reply"))
         require_choice(self.weighting, "weighting", ("uniform", "num_examples"))
         require(self.unseen_lr > 0, "unseen_lr", f"must be > 0, got {self.unseen_lr}")
 
@@ -62,14 +80,38 @@ def chain_rule_grads(prompts: torch.Tensor, params: list[torch.Tensor], updates:
     return torch.autograd.grad(prompts, params, grad_outputs=grad_p), float(grad_p.norm())
 
 
+def make_optimizer(params, name: str, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def step_rows(optimizer: torch.optim.Optimizer, descriptors: nn.Parameter, rows: list[int]) -> None:
+    """``optimizer.step()`` that leaves every row of ``descriptors`` not in ``rows`` unchanged, together with
+    the same rows of its optimizer state (momentum buffer, Adam moments). Other parameters step as usual."""
+    keep = torch.ones(descriptors.shape[0], dtype=torch.bool)
+    keep[torch.as_tensor(sorted(set(rows)), dtype=torch.long)] = False
+    saved = descriptors.data[keep].clone()
+    state = optimizer.state.get(descriptors, {})
+    saved_state = {k: v[keep].clone() for k, v in state.items()
+                   if torch.is_tensor(v) and v.shape == descriptors.shape}
+    optimizer.step()
+    descriptors.data[keep] = saved
+    for k, v in optimizer.state[descriptors].items():
+        if k in saved_state:
+            v[keep] = saved_state[k]
+        elif torch.is_tensor(v) and v.shape == descriptors.shape:
+            v[keep] = 0.0  # state created by this step: absent rows start from zero, as if never stepped
+
+
 class GeneratorStrategy(Strategy):
     sends = ("prompts",)
     generator: Generator
 
     def _init_optimizer(self) -> None:
-        params = list(self.generator.parameters())
-        cls = torch.optim.Adam if self.config.server_optimizer == "adam" else torch.optim.SGD
-        self.optimizer = cls(params, lr=self.config.server_lr)
+        c = self.config
+        self.optimizer = make_optimizer(list(self.generator.parameters()), c.server_optimizer, c.server_lr,
+                                        c.server_momentum, c.server_weight_decay)
         self._unseen: dict[int, int] = {}  # held-out partition id -> row of _unseen_desc
 
     def generate(self, partition_ids: list[int]) -> torch.Tensor:
@@ -81,14 +123,20 @@ class GeneratorStrategy(Strategy):
         return {pid: {"prompts": prompts[i].copy()} for i, pid in enumerate(partition_ids)}
 
     def aggregate(self, server_round, updates: list[ClientUpdate]):
+        if self.config.server_steps == "per_reply":
+            norms = [self._step([u], "uniform") for u in updates]
+            return {"pseudo_grad_norm": float(np.sqrt(np.sum(np.square(norms))))}
+        return {"pseudo_grad_norm": self._step(updates, self.config.weighting)}
+
+    def _step(self, updates: list[ClientUpdate], weighting: str) -> float:
         params = list(self.generator.parameters())
-        grads, norm = chain_rule_grads(self.generate([u.partition_id for u in updates]), params, updates,
-                                       self.config.weighting)
+        pids = [u.partition_id for u in updates]
+        grads, norm = chain_rule_grads(self.generate(pids), params, updates, weighting)
         self.optimizer.zero_grad(set_to_none=True)
         for p, gp in zip(params, grads):
             p.grad = gp
-        self.optimizer.step()
-        return {"pseudo_grad_norm": norm}
+        step_rows(self.optimizer, self.generator.descriptors, pids)
+        return norm
 
     # -- unseen clients: fit a fresh descriptor per held-out client against the frozen generator --
     def _unseen_prompts(self, partition_ids: list[int]) -> torch.Tensor:
@@ -117,7 +165,7 @@ class GeneratorStrategy(Strategy):
         (grad,), norm = chain_rule_grads(prompts, [self._unseen_desc], updates, "uniform")
         self._unseen_opt.zero_grad(set_to_none=True)
         self._unseen_desc.grad = grad
-        self._unseen_opt.step()
+        step_rows(self._unseen_opt, self._unseen_desc, [self._unseen[u.partition_id] for u in updates])
         return {"unseen_pseudo_grad_norm": norm}
 
     def state_dict(self):

@@ -123,6 +123,10 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     both = set(cls.sends) & set(cls.personal)
     if both:
         raise ValueError(f"strategy {cls.name!r}: tensors {sorted(both)} cannot be both sent and personal")
+    # The client reads what it trains from the strategy's config (fedpers.client.client_tensor_shapes),
+    # so it never has to look the strategy up by name; the strategy class stays the one place it is set.
+    for flag in ("deep_prompts", "trains_backbone"):
+        setattr(cls.config_cls, flag, getattr(cls, flag))
     _REGISTRY[cls.name] = cls
     return cls
 

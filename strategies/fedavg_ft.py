@@ -39,9 +39,11 @@ class FedAvgFT(Averaging):
         c = ctx.cfg.strategy
         tensors = start_tensors(ctx, received, state)
         losses = fit(ctx, tensors, list(cls.sends), ctx.cfg.client.local_epochs)
-        tuned = tensors
+        tuned, ft_losses = tensors, []
         if c.ft_epochs > 0:
             tuned = {k: v.clone() for k, v in tensors.items()}
             names = list(cls.sends) if c.ft_tensors == "all" else list(HEAD)
-            fit(ctx, tuned, names, c.ft_epochs, salt=2)
-        return finish(ctx, cls.sends, cls.personal, received, tensors, losses, eval_tensors=tuned)
+            ft_losses = fit(ctx, tuned, names, c.ft_epochs, salt=2)
+        # extra fine-tuning is compute on top of the shared budget: it is counted, so tables show it
+        return finish(ctx, cls.sends, cls.personal, received, tensors, losses, eval_tensors=tuned,
+                      local_steps=len(losses) + len(ft_losses))

@@ -41,7 +41,7 @@ class FedAvgFull(Averaging):
         backbone = tuple(k for k in shapes if k.startswith("backbone."))
         n = sum(int(np.prod(shapes[k])) for k in backbone)
         if n > config.max_backbone_params:
-            from fedpers.config import ConfigError
+            from fedpers.errors import ConfigError
 
             raise ConfigError("model.backbone", f"fedavg_full would send {n:,} backbone weights per client and round, "
                               f"more than strategy.max_backbone_params={config.max_backbone_params:,}; use a small "

@@ -1,10 +1,12 @@
 """FedPer (Arivazhagan et al., "Federated Learning with Personalization Layers", 2019): a federated body
 and personal top layers, trained jointly on every client.
 
-On a frozen prompted backbone the only trainable "body" is the prompts, so FedPer here *is* FedVPT:
-shared prompts averaged by FedAvg, a personal head, joint local training. It is registered under its own
-name so result tables line up with the literature; a test pins that it matches ``fedvpt`` exactly.
-The variant that differs in the local schedule (head first, then body) is ``fedrep``."""
+FedPer's definition is "shared base layers, personal top layers". On a frozen prompted backbone the only
+trainable base is the prompts and the only personal layer is the head, so FedPer here *is* FedVPT
+(shared prompts averaged by FedAvg, a personal head, joint local training): ``fedper`` is a documented
+alias of ``fedvpt`` (the class overrides nothing), registered under its own name so result tables line
+up with the literature. It is not a separate method, and a table listing both shows the same method
+twice. The variant that differs in the local schedule (head first, then body) is ``fedrep``."""
 
 from __future__ import annotations
 
@@ -22,5 +24,5 @@ class FedPerConfig(FedVPTConfig):
 @register_strategy
 class FedPer(FedVPT):
     name = "fedper"
-    summary = "FedAvg body (the prompts), personal head, joint local training (FedPer; = fedvpt here)"
+    summary = "alias of fedvpt: FedAvg body (the prompts), personal head, joint local training (FedPer)"
     config_cls = FedPerConfig

@@ -1,12 +1,16 @@
 """FedRep (Collins et al., "Exploiting Shared Representations for Personalized Federated Learning",
-ICML 2021): each round a client first fits its personal head with the received shared representation
-frozen, then updates the representation (here: the prompts) with its head frozen. Only the prompts are
-averaged."""
+ICML 2021, Algorithm 1): each round a client first updates its personal head with the received shared
+representation frozen (Algorithm 1, lines 6-8: tau_h head steps), then updates the representation (here:
+the prompts) with its new head frozen (lines 9-11: tau steps); only the representation is averaged
+(line 14).
+
+Budget: the two phases share the round's local budget (``client.local_epochs`` passes, counted in
+mini-batch steps): ``head_fraction`` of the steps on the head, the rest on the prompts. The paper runs
+many more head steps than body steps (10 head epochs, 1 body epoch); its ratio is ``head_fraction=0.9``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from strategies._avg import Averaging, AveragingConfig
 from strategies._checks import require
@@ -16,28 +20,26 @@ from strategies.base import HEAD, register_strategy
 @dataclass
 class FedRepConfig(AveragingConfig):
     name: str = "fedrep"
-    head_epochs: int = 2  # local epochs on the personal head (prompts frozen), first
-    body_epochs: Optional[int] = None  # local epochs on the prompts (head frozen), second; default client.local_epochs
+    head_fraction: float = 0.5  # share of the local budget's steps spent on the head (prompts frozen), first; the rest trains the prompts (head frozen)
 
     def validate(self) -> None:
         super().validate()
-        require(self.head_epochs >= 1, "head_epochs", f"must be >= 1, got {self.head_epochs}")
-        require(self.body_epochs is None or self.body_epochs >= 1, "body_epochs", f"must be >= 1, got {self.body_epochs}")
+        require(0 < self.head_fraction < 1, "head_fraction", f"must be in (0, 1), got {self.head_fraction}")
 
 
 @register_strategy
 class FedRep(Averaging):
     name = "fedrep"
-    summary = "shared prompts, personal head; head epochs then prompt epochs each round (FedRep)"
+    summary = "shared prompts, personal head; head steps then prompt steps within one local budget (FedRep)"
     config_cls = FedRepConfig
     sends = ("prompts",)
 
     @classmethod
     def client_update(cls, ctx, received, state):
-        from fedpers.client import finish, fit, start_tensors
+        from fedpers.client import finish, fit, split_budget, start_tensors
 
-        c = ctx.cfg.strategy
+        head_steps, body_steps = split_budget(ctx, ctx.cfg.strategy.head_fraction)
         tensors = start_tensors(ctx, received, state)
-        losses = fit(ctx, tensors, list(HEAD), c.head_epochs, salt=1)
-        losses += fit(ctx, tensors, ["prompts"], c.body_epochs or ctx.cfg.client.local_epochs, salt=2)
+        losses = fit(ctx, tensors, list(HEAD), None, salt=1, steps=head_steps)
+        losses += fit(ctx, tensors, ["prompts"], None, salt=2, steps=body_steps)
         return finish(ctx, cls.sends, cls.personal, received, tensors, losses)

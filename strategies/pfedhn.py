@@ -1,7 +1,16 @@
 """pFedHN (Shamsian et al., "Personalized Federated Learning using Hypernetworks", ICML 2021): an MLP
 hypernetwork maps a learnable client embedding to that client's parameters, here its prompts (the head
 stays personal, as in pFedHN-PC). The update is pFedHN's: grad of the hypernetwork by the chain rule with
-the client's delta (see :mod:`strategies._generator`); novel clients fit only their embedding."""
+the client's delta (see :mod:`strategies._generator`; Algorithm 1, lines 7-9: ``grad_phi = (grad_phi
+theta_i)^T (theta_i - theta~_i)``); novel clients fit only their embedding.
+
+Optimizer. The paper (and its code, AvivSham/pFedHN) takes one SGD step per trained client, lr 1e-2,
+momentum 0.9, weight decay 1e-3: ``server_optimizer=sgd server_lr=0.01 server_momentum=0.9
+server_weight_decay=1e-3 server_steps=per_reply`` (``experiments/configs/pfedhn_paper.yaml``). The
+default here is Adam, lr 1e-3, one step per round on the mean of the replies: the same server optimizer
+as ``pfedpg``, so a pFedPG-vs-pFedHN comparison differs only in the generator, and the paper's SGD
+setting was tuned for hypernetworks emitting a whole CNN after 50 inner steps, not K x D prompts
+(see the README for the measured difference)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ halves. The A bases start as peft initialises A and the B bases at zero, so ever
 the frozen backbone. Clients train the received factors (and their personal head) and reply with
 ``delta = trained - received``; as in pFedPG the server treats ``-delta`` as the gradient of the
 client's loss with respect to its factors and back-propagates it into every generator parameter:
-``autograd.grad(factors, params, grad_outputs=-w_n delta_n)``, then an optimizer step.
+``autograd.grad(factors, params, grad_outputs=-w_n delta_n)``, then an optimizer step that leaves the
+descriptors (and their optimizer state) of clients that did not reply untouched.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from strategies._checks import require, require_choice
+from strategies._generator import make_optimizer, step_rows
 from strategies.base import HEAD, ClientUpdate, Strategy, StrategyConfig, register_strategy, weights_of
 from strategies.lora_common import lora_a, lora_b, require_lora
 
@@ -102,11 +104,7 @@ class PFedLoraGen(Strategy):
         require_lora(shapes, self.name)
         self.generator = LoraGenerator(num_clients, shapes, config.bank_size, config.descriptor_dim,
                                        config.descriptor_std, seed)
-        params = list(self.generator.parameters())
-        if config.server_optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=config.server_lr)
-        else:
-            self.optimizer = torch.optim.SGD(params, lr=config.server_lr)
+        self.optimizer = make_optimizer(list(self.generator.parameters()), config.server_optimizer, config.server_lr)
 
     def generate(self, partition_ids: list[int]) -> dict[str, torch.Tensor]:
         return self.generator(torch.as_tensor(partition_ids, dtype=torch.long))
@@ -129,7 +127,8 @@ class PFedLoraGen(Strategy):
         self.optimizer.zero_grad(set_to_none=True)
         for p, gp in zip(params, grads):
             p.grad = gp
-        self.optimizer.step()
+        # absent clients' descriptors and their optimizer-state rows stay as they are
+        step_rows(self.optimizer, self.generator.descriptors, pids)
         return {"pseudo_grad_norm": float(torch.sqrt(sum((g ** 2).sum() for g in grad_out)))}
 
     def state_dict(self):

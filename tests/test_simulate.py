@@ -10,9 +10,21 @@ from fedpers import simulate
 from tests.conftest import tiny_overrides
 
 
+def majority_class_accuracy(out) -> float:
+    """Mean over clients of the accuracy of always predicting the client's most frequent training label."""
+    from fedpers.config import from_yaml
+    from fedpers.data import build_federated
+
+    cfg = from_yaml((out / "config.yaml").read_text())
+    fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
+    return float(np.mean([float((np.asarray(c.y_test) == np.bincount(np.asarray(c.y_train)).argmax()).mean())
+                          for c in fed.clients]))
+
+
 def test_run_writes_results_folder(tmp_path, capsys):
     out = tmp_path / "run"
-    assert simulate.main(tiny_overrides(out, **{"run.rounds": 3})) == 0
+    # iid labels: a client's majority class is near chance, so beating it means the model learned
+    assert simulate.main(tiny_overrides(out, **{"run.rounds": 3, "data.partitioner.name": "iid"})) == 0
     for name in ("config.yaml", "metrics.jsonl", "rounds.csv", "summary.json",
                  "accuracy_per_round.png", "accuracy_per_client.png"):
         assert (out / name).is_file(), name
@@ -23,7 +35,9 @@ def test_run_writes_results_folder(tmp_path, capsys):
     # pFedPG sends K x D float32 prompts down and the same-shaped delta up (plus .npy header bytes).
     assert summary["params"] == {"down_per_client_round": 10 * 128, "up_per_client_round": 10 * 128}
     assert 10 * 128 * 4 < summary["bytes"]["up_per_client_round"] < 10 * 128 * 4 + 256
-    assert summary["final"]["accuracy_mean"] > 0.2  # 10 classes: chance is 0.1
+    # Each client's personal head could score its majority class's share of its test split by predicting
+    # that class alone; the run must do clearly better than that on average, on every seed's data.
+    assert summary["final"]["accuracy_mean"] > majority_class_accuracy(out) + 0.05
     printed = json.loads(capsys.readouterr().out)
     assert printed["results"] == str(out)
 

@@ -92,7 +92,10 @@ def test_held_out_clients_never_train_and_report_accuracy(two_rounds):
     assert set(t.sent[cfg.run.rounds]) == set(held)
     assert set(summary["final"]["per_client"]) == {str(i) for i in train_ids}
     assert set(summary["unseen"]["per_client"]) == {str(i) for i in held}
-    assert 0 <= summary["final"]["unseen_accuracy_mean"] <= 1
+    unseen = summary["unseen"]["per_client"]
+    assert summary["final"]["unseen_accuracy_mean"] == pytest.approx(np.mean(list(unseen.values())))
+    last = t.received[cfg.run.rounds]  # the unseen exchange's replies are what the summary reports
+    assert unseen == {str(p): r.metrics["test_accuracy"] for p, r in last.items()}
 
 
 def test_metrics_are_finite(two_rounds):
@@ -101,7 +104,27 @@ def test_metrics_are_finite(two_rounds):
         for reply in received.values():
             assert all(np.isfinite(v) for v in reply.metrics.values())
             assert all(np.isfinite(a).all() for a in reply.arrays.values())
-    assert 0 <= summary["final"]["accuracy_mean"] <= 1
+    # the summary reports each client's latest reply, and their mean
+    latest = {}
+    for received in t.received[:-1]:  # training rounds (the last exchange is the unseen one)
+        latest.update({str(p): r.metrics["test_accuracy"] for p, r in received.items()})
+    assert summary["final"]["per_client"] == latest
+    assert summary["final"]["accuracy_mean"] == pytest.approx(np.mean(list(latest.values())))
+
+
+def test_every_strategy_gets_the_same_local_budget(two_rounds):
+    """client.local_epochs passes over the client's training split, counted in optimizer steps, whatever
+    the strategy; two-phase strategies split it. APFL steps w and v on each mini-batch, so an odd budget
+    leaves it one step short."""
+    from fedpers.client import local_budget, make_context
+
+    cfg, (summary, t, strategy) = two_rounds
+    for r, received in enumerate(t.received[: cfg.run.rounds], start=1):
+        for pid, reply in received.items():
+            budget = local_budget(make_context(cfg, pid, r))
+            slack = 1 if strategy.name == "apfl" else 0
+            assert budget - slack <= reply.metrics["local_steps"] <= budget, (pid, reply.metrics["local_steps"], budget)
+    assert summary["local_steps"]["min"] <= summary["local_steps"]["per_client_round"] <= summary["local_steps"]["max"]
 
 
 def test_deterministic_for_a_seed(two_rounds, tmp_path):

@@ -247,7 +247,7 @@ def _data_problem(context: Context) -> str:
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    from fedpers.client import client_round  # here, not at import: node discovery needs no torch
+    from fedpers.rounds import client_round  # here, not at import: node discovery needs no torch
     from fedpers.dp import device_floor
 
     # The device's DP settings (node config) can only tighten what the server asked for.

@@ -1,0 +1,258 @@
+"""One test per strategy that fails when the mechanism defining it breaks, on cases small enough to check
+by hand: FedRep's schedule, Ditto's proximal pull, APFL's interleaved step and alpha gradient, the exact
+limits of apfl_fixed, FFA-LoRA's frozen A, FedSA-LoRA's private B, HetLoRA's aggregate and self-pruning.
+(The one local budget every strategy gets is checked in the conformance suite.)"""
+
+
+import numpy as np
+import pytest
+import torch
+
+from fedpers import client as client_mod
+from fedpers.client import local_budget, make_context
+from fedpers.config import load_config
+from fedpers.engine import InProcessTransport
+from fedpers.server import build_strategy, run_server
+from strategies import ClientUpdate, create_strategy, get_config_cls, get_strategy_class
+from strategies._avg import PERSONAL
+from tests.conftest import text_tiny_overrides, tiny_overrides
+
+
+def cfg_for(tmp_path, name, text=False, **extra):
+    make = text_tiny_overrides if text else tiny_overrides
+    over = {"strategy.name": name, **extra}
+    return load_config(None, make(tmp_path / f"{name}-{len(list(tmp_path.iterdir()))}", **over))
+
+
+def run(cfg):
+    s = build_strategy(cfg)
+    t = InProcessTransport(cfg)
+    summary = run_server(cfg, t, s)
+    return summary, s, t
+
+
+def record_fit(monkeypatch):
+    """Wrap fedpers.client.fit: record (trainable names, steps taken, tensors after training) per call."""
+    calls = []
+    real = client_mod.fit
+
+    def spy(ctx, tensors, trainable, epochs, *args, **kwargs):
+        trainable = list(trainable)
+        before = {k: v.detach().clone() for k, v in tensors.items()}
+        losses = real(ctx, tensors, trainable, epochs, *args, **kwargs)
+        calls.append({"trainable": trainable, "steps": len(losses), "before": before,
+                      "after": {k: v.detach().clone() for k, v in tensors.items()}})
+        return losses
+
+    monkeypatch.setattr(client_mod, "fit", spy)
+    return calls
+
+
+# -- FedRep: head first with prompts frozen, then prompts with the head frozen, within one budget --
+
+def test_fedrep_trains_head_then_prompts_each_with_the_other_frozen(tmp_path, monkeypatch):
+    cfg = cfg_for(tmp_path, "fedrep", **{"client.local_epochs": 2})
+    ctx = make_context(cfg, 0, 1)
+    received = build_strategy(cfg).configure(1, [0])[0]
+    calls = record_fit(monkeypatch)
+    reply, state = get_strategy_class("fedrep").client_update(ctx, received, {})
+    assert [c["trainable"] for c in calls] == [["head.weight", "head.bias"], ["prompts"]]
+    head_phase, body_phase = calls
+    # phase 1 leaves the prompts exactly as received; phase 2 leaves the head exactly as phase 1 left it
+    torch.testing.assert_close(head_phase["after"]["prompts"], torch.from_numpy(received["prompts"]), rtol=0, atol=0)
+    assert not torch.equal(head_phase["after"]["head.weight"], head_phase["before"]["head.weight"])
+    torch.testing.assert_close(body_phase["after"]["head.weight"], head_phase["after"]["head.weight"], rtol=0, atol=0)
+    assert not torch.equal(body_phase["after"]["prompts"], body_phase["before"]["prompts"])
+    assert head_phase["steps"] + body_phase["steps"] == local_budget(ctx) == reply.metrics["local_steps"]
+    np.testing.assert_array_equal(state["head.weight"], body_phase["after"]["head.weight"].numpy())
+
+
+# -- Ditto: the personal copy is pulled toward the global model received this round --
+
+def test_ditto_personal_model_follows_the_proximal_pull_to_the_received_global(tmp_path):
+    def personal_distance(lam):
+        cfg = cfg_for(tmp_path, "ditto", **{"strategy.lam": lam, "client.local_epochs": 2})
+        ctx = make_context(cfg, 1, 2)
+        received = build_strategy(cfg).configure(2, [1])[1]
+        # a personal model far from the global one: only the proximal term can bring it back
+        far = {PERSONAL + k: (v + 3.0).astype(np.float32) for k, v in received.items()}
+        _, state = get_strategy_class("ditto").client_update(ctx, received, far)
+        return float(np.sqrt(sum(((state[PERSONAL + k] - v) ** 2).sum() for k, v in received.items())))
+
+    start = float(np.sqrt(sum(9.0 * v.size for v in build_strategy(
+        cfg_for(tmp_path, "ditto")).configure(2, [1])[1].values())))
+    free, pulled = personal_distance(0.0), personal_distance(5.0)
+    assert pulled < 0.5 * free, (pulled, free)  # a flipped or missing pull would not close the gap
+    assert pulled < 0.5 * start
+
+
+# -- APFL: one step of Algorithm 1 on a quadratic, by hand --
+
+def test_apfl_step_is_algorithm_1_and_alpha_follows_the_mixed_loss_gradient():
+    from strategies.apfl import apfl_step
+
+    c = torch.tensor([1.0, -2.0, 0.5])
+    w0, v0, alpha, eta, eta_a = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([3.0, 0.0, -1.0]), 0.3, 0.1, 0.05
+    w, v = {"x": w0.clone().requires_grad_(True)}, {"x": v0.clone().requires_grad_(True)}
+    opt_w, opt_v = torch.optim.SGD([w["x"]], lr=eta), torch.optim.SGD([v["x"]], lr=eta)
+    _, new_alpha = apfl_step(w, v, alpha, lambda t: 0.5 * ((t["x"] - c) ** 2).sum(), opt_w, opt_v, eta_a)
+    v_bar = alpha * v0 + (1 - alpha) * w0  # every gradient at the point before the step
+    torch.testing.assert_close(w["x"].detach(), w0 - eta * (w0 - c))
+    torch.testing.assert_close(v["x"].detach(), v0 - eta * alpha * (v_bar - c))
+    grad_alpha = float(torch.dot(v0 - w0, v_bar - c))
+    assert new_alpha == pytest.approx(alpha - eta_a * grad_alpha, rel=1e-6)
+    assert (new_alpha - alpha) * grad_alpha < 0  # descent: against the gradient
+
+    def mixed_loss(a):
+        return float(0.5 * ((a * v0 + (1 - a) * w0 - c) ** 2).sum())
+
+    assert mixed_loss(new_alpha) < mixed_loss(alpha)
+
+
+def test_apfl_alpha_is_projected_to_unit_interval():
+    from strategies.apfl import apfl_step
+
+    w, v = {"x": torch.zeros(2, requires_grad=True)}, {"x": torch.full((2,), 10.0, requires_grad=True)}
+    opts = [torch.optim.SGD([t["x"]], lr=0.0) for t in (w, v)]
+    _, a = apfl_step(w, v, 0.5, lambda t: ((t["x"] - 20.0) ** 2).sum(), *opts, alpha_lr=10.0)
+    assert a == 1.0  # the mixed loss wants more of v than alpha = 1 gives
+
+
+def test_apfl_client_adapts_and_keeps_its_own_alpha(tmp_path):
+    cfg = cfg_for(tmp_path, "apfl")
+    cls = get_strategy_class("apfl")
+    received = build_strategy(cfg).configure(1, [0, 1])
+    alphas = {}
+    for pid in (0, 1):
+        reply, state = cls.client_update(make_context(cfg, pid, 1), received[pid], {})
+        alphas[pid] = reply.metrics["alpha"]
+        assert state[PERSONAL + "alpha"][0] == pytest.approx(alphas[pid])  # kept by the client
+        # next round starts from the kept alpha, not the configured one
+        again, _ = cls.client_update(make_context(cfg, pid, 2), received[pid], state)
+        assert again.metrics["alpha"] != reply.metrics["alpha"]
+    assert alphas[0] != alphas[1] and cfg.strategy.alpha not in alphas.values()
+
+
+@pytest.mark.slow
+def test_apfl_fixed_limits_are_fedavg_ft_and_local_on_half_the_budget(tmp_path):
+    """apfl_fixed trains w on the first half of the budget, then v; at alpha = 0 it is fedavg_ft with half
+    the epochs (same batches, same global model), at alpha = 1 it is local training with half the epochs."""
+    s0, a0, _ = run(cfg_for(tmp_path, "apfl_fixed", **{"strategy.alpha": 0.0, "client.local_epochs": 2}))
+    s_ft, ft, _ = run(cfg_for(tmp_path, "fedavg_ft", **{"client.local_epochs": 1}))
+    assert s0["final"]["per_client"] == s_ft["final"]["per_client"]
+    for k, v in ft.global_tensors.items():
+        np.testing.assert_array_equal(a0.global_tensors[k], v)
+    s1, _, _ = run(cfg_for(tmp_path, "apfl_fixed", **{"strategy.alpha": 1.0, "client.local_epochs": 2}))
+    s_loc, _, _ = run(cfg_for(tmp_path, "local", **{"client.local_epochs": 1}))
+    assert s1["final"]["per_client"] == s_loc["final"]["per_client"]
+    assert s0["local_steps"]["per_client_round"] == 2 * s_ft["local_steps"]["per_client_round"]
+
+
+# -- LoRA strategies --
+
+def test_ffa_lora_never_changes_a(tmp_path, monkeypatch):
+    from strategies.lora_common import lora_a
+
+    cfg = cfg_for(tmp_path, "ffa_lora", text=True, **{"client.local_epochs": 3})
+    cls = get_strategy_class("ffa_lora")
+    ctx = make_context(cfg, 0, 1)
+    calls = record_fit(monkeypatch)
+    cls.client_update(ctx, build_strategy(cfg).configure(1, [0])[0], {})
+    (call,) = calls
+    frozen = cls.frozen_a(ctx.shapes, cfg.run.seed)
+    assert lora_a(ctx.shapes) and not set(lora_a(ctx.shapes)) & set(call["trainable"])
+    for k in lora_a(ctx.shapes):
+        np.testing.assert_array_equal(call["after"][k].numpy(), frozen[k])
+    assert any(not torch.equal(call["after"][k], call["before"][k]) for k in call["trainable"] if "lora_B" in k)
+
+
+def test_fedsa_lora_b_stays_on_the_client_and_keeps_training(tmp_path):
+    from strategies.lora_common import lora_b
+
+    cfg = cfg_for(tmp_path, "fedsa_lora", text=True, **{"run.rounds": 2, "client.local_epochs": 2})
+    s = build_strategy(cfg)
+    assert not set(lora_b(s.shapes)) & set(s.sends) and set(lora_b(s.shapes)) <= set(s.personal)
+    t = InProcessTransport(cfg)
+    ctx = make_context(cfg, 0, 1)
+    first = None
+    for r in (1, 2):
+        sent = s.configure(r, [0, 1, 2])
+        assert all(not set(lora_b(s.shapes)) & set(a) for a in sent.values())
+        replies = t.exchange(r, sent, timeout=600)
+        assert all(not any("lora_B" in k for k in rep.arrays) for rep in replies.values())
+        b_now = {k: t.states[0][k].copy() for k in lora_b(s.shapes)}
+        if first is None:
+            first = b_now
+        s.aggregate(r, [ClientUpdate(p, {k[len("delta/"):]: v for k, v in rep.arrays.items()}, rep.num_examples,
+                                     rep.metrics) for p, rep in sorted(replies.items())])
+    init = {k: client_mod.initial_tensor(ctx, k).numpy() for k in lora_b(s.shapes)}
+    assert any(not np.array_equal(first[k], init[k]) for k in init)  # trained in round 1
+    assert any(not np.array_equal(b_now[k], first[k]) for k in init)  # and round 2 continued from it
+
+
+def hetlora(ranks, r_max=4, weighting="sparsity"):
+    shapes = {"m1.lora_A.weight": (r_max, 3), "m1.lora_B.weight": (2, r_max),
+              "m2.lora_A.weight": (r_max, 5), "m2.lora_B.weight": (4, r_max), "head.weight": (2, 4), "head.bias": (2,)}
+    cfg = get_config_cls("hetlora")(ranks=ranks, weighting=weighting)
+    return create_strategy(cfg, num_clients=len(ranks), shapes=shapes, seed=0), shapes
+
+
+@pytest.mark.parametrize("weighting", ["sparsity", "uniform"])
+def test_hetlora_aggregate_is_the_weighted_mean_of_zero_padded_modules(weighting):
+    s, shapes = hetlora([1, 2, 4], weighting=weighting)
+    sent = s.configure(1, [0, 1, 2])
+    rng = np.random.default_rng(0)
+    trained = {p: {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in sent[p].items()} for p in sent}
+    s.aggregate(1, [ClientUpdate(p, {k: trained[p][k] - sent[p][k] for k in sent[p]}, 10 * (p + 1), {})
+                    for p in (0, 1, 2)])
+    for m in ("m1", "m2"):
+        a, b = f"{m}.lora_A.weight", f"{m}.lora_B.weight"
+        padded = []
+        for p, r in zip((0, 1, 2), (1, 2, 4)):  # zero-pad by hand
+            pa, pb = np.zeros(shapes[a]), np.zeros(shapes[b])
+            pa[:r], pb[:, :r] = trained[p][a], trained[p][b]
+            padded.append((pa, pb))
+        if weighting == "sparsity":
+            norms = np.array([np.linalg.norm(pb @ pa) for pa, pb in padded])
+            w = norms / norms.sum()
+        else:
+            w = np.ones(3) / 3
+        np.testing.assert_allclose(s.shared.tensors[a], sum(wi * pa for wi, (pa, _) in zip(w, padded)), atol=1e-5)
+        np.testing.assert_allclose(s.shared.tensors[b], sum(wi * pb for wi, (_, pb) in zip(w, padded)), atol=1e-5)
+        # rank components only the rank-4 client held are scaled by its weight, not kept at full value
+        assert np.abs(s.shared.tensors[a][2:]).max() < np.abs(trained[2][a][2:]).max()
+
+
+def test_hetlora_server_takes_reported_ranks_and_never_grows_them():
+    s, _ = hetlora([4, 4])
+    sent = s.configure(1, [0, 1])
+    zero = {p: {k: np.zeros_like(v) for k, v in sent[p].items()} for p in sent}
+    s.aggregate(1, [ClientUpdate(0, zero[0], 5, {"rank": 3.0}), ClientUpdate(1, zero[1], 5, {"rank": 9.0})])
+    assert (s.rank_of(0), s.rank_of(1)) == (3, 4)
+    assert s.configure(2, [0])[0]["m1.lora_A.weight"].shape == (3, 3)
+    assert s.reply_spec(0)["delta/m2.lora_B.weight"] == (4, 3)
+    fresh, _ = hetlora([4, 4])
+    fresh.load_state_dict(s.state_dict())
+    assert fresh.rank_of(0) == 3
+
+
+@pytest.mark.parametrize("lam, threshold, prunes", [(1.0, 1.0, True), (0.0, 0.0, False)])
+def test_hetlora_client_self_prunes_its_trailing_rank_components(tmp_path, lam, threshold, prunes):
+    from strategies.hetlora import kept_rank
+    from strategies.lora_common import lora_a, lora_b
+
+    cfg = cfg_for(tmp_path, "hetlora", text=True, **{
+        "client.local_epochs": 2, "strategy.ranks": "[8]", "strategy.prune_lambda": lam,
+        "strategy.prune_threshold": threshold})
+    ctx = make_context(cfg, 0, 2)
+    rng = np.random.default_rng(0)
+    # factors as a later round sends them: B no longer zero, so the trailing components have a norm
+    received = {k: (rng.standard_normal(v.shape) * 0.1).astype(np.float32)
+                for k, v in build_strategy(cfg).configure(2, [0])[0].items()}
+    reply, _ = get_strategy_class("hetlora").client_update(ctx, received, {})
+    k = kept_rank(8, cfg.strategy.prune_gamma)
+    assert reply.metrics["rank"] == (k if prunes else 8)
+    for name in lora_a(ctx.shapes) + lora_b(ctx.shapes):
+        trained = received[name] + reply.arrays[f"delta/{name}"]
+        tail = trained[k:] if "lora_A" in name else trained[:, k:]
+        assert (np.abs(tail).max() == 0) == prunes  # a pruned module carries no trailing components
