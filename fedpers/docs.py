@@ -39,6 +39,8 @@ def field_rows() -> list[tuple[str, str, str, str]]:
                 walk(type(default), key + ".", section)
                 continue
             typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            if typ.endswith(" | None"):  # one spelling, and no '|' to break the Markdown table
+                typ = f"Optional[{typ[: -len(' | None')]}]"
             rows.append((section, key, typ, repr(default), comments.get(f.name, "")))
 
     walk(ExperimentConfig, "", "")
