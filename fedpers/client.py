@@ -257,6 +257,10 @@ def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], re
     }
     state = {k: trained[k].detach().numpy().astype(DTYPE).copy() for k in personal}
     test_loss, test_acc = eval_result or evaluate(ctx, eval_tensors if eval_tensors is not None else trained)
+    if ctx.cfg.run.cross_eval:  # the model just evaluated, kept for the cross-evaluation after training
+        from fedpers import cross_eval
+
+        cross_eval.stash(state, eval_tensors if eval_tensors is not None else trained)
     steps_per_epoch = max(1, -(-ctx.data.num_train // ctx.cfg.client.batch_size))
     metrics = {
         "train_loss": float(np.mean(losses[-steps_per_epoch:])) if losses else float("nan"),
@@ -285,8 +289,12 @@ def client_round(
     data: ClientData | None = None,
 ) -> tuple[Reply, dict[str, np.ndarray]]:
     """``data``: the device's own data (deployment); None = this partition of the simulated federation."""
+    from fedpers import cross_eval
+
     strategy_cls = get_strategy_class(cfg.strategy.name)
     ctx = make_context(cfg, partition_id, server_round, data)
+    if cross_eval.CONTROL in received:  # not a training round: upload or score personal models
+        return cross_eval.client_op(ctx, strategy_cls, received, state), state
     reply, state = strategy_cls.client_update(ctx, received, state)
     reply.arrays = privatize_reply(cfg, reply.arrays, server_round, partition_id)  # identity unless dp.clip_norm > 0
     return reply, state

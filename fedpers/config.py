@@ -58,6 +58,7 @@ class RunConfig:
     batch_clients: bool = False  # fast engine: train a round's clients together in mixed batches
     batch_max_samples: int = 1024  # batch_clients: most samples in one mixed forward/backward (clients grouped)
     device: str = "cpu"  # batch_clients: torch device of the batched trainer (cpu | cuda | cuda:N)
+    cross_eval: bool = False  # after the last round, score every trained client's personal model on every client's test split (cross_eval.csv, cross_eval.png, final.cross_eval in summary.json); models move between clients, so a simulation diagnostic
 
 
 @dataclass

@@ -73,6 +73,15 @@ class Strategy(ABC):
 
         return default_client_update(cls, ctx, received, state)
 
+    @classmethod
+    def evaluate_model(cls, ctx, tensors) -> tuple[float, float]:
+        """(loss, accuracy) of a client model (the tensors a client evaluated itself with) on ``ctx``'s
+        test split; used by the cross-evaluation. Strategies whose prediction is not one forward pass
+        with these tensors (per-instance mixtures, experts) override it."""
+        from fedpers.client import evaluate
+
+        return evaluate(ctx, tensors)
+
     def __init__(self, config: Any, *, num_clients: int, shapes: dict[str, tuple[int, ...]], seed: int,
                  init_std: float = 0.5):
         self.config = config
