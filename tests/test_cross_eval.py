@@ -96,3 +96,15 @@ def test_flower_transport_gives_the_fast_engines_matrix(tmp_path, monkeypatch):
     assert flower.keys() == fast.keys()
     for k in fast:
         assert flower[k] == pytest.approx(fast[k], abs=1e-6), k
+
+
+def test_sweep_table_has_the_gap_column(tmp_path):
+    from fedpers.sweep import write_table
+
+    row = {"partition": "p", "strategy": "s", "seed": 0, "status": "ok", "accuracy_mean": 0.5,
+           "accuracy_worst10": 0.2, "unseen_accuracy_mean": None, "params_per_round": 10, "bytes_per_round": 40}
+    text = write_table([{**row, "cross_eval_gap": 0.25}, {**row, "seed": 1, "cross_eval_gap": 0.15}],
+                       tmp_path / "t.md", "t")
+    header = next(line for line in text.splitlines() if line.startswith("| strategy | seeds"))
+    line = next(line for line in text.splitlines() if line.startswith("| s | 2"))
+    assert line.split(" | ")[header.split(" | ").index("gap")] == "20.0 ± 5.0"
