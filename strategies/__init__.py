@@ -17,6 +17,7 @@ from strategies import (  # noqa: E402,F401  (registration side effects)
     fedavg,
     fedavg_ft,
     fedavg_full,
+    feddpa,
     fedex_lora,
     fedper,
     fedprox,
