@@ -72,7 +72,6 @@ def client_op(ctx, strategy_cls, received: dict[str, np.ndarray], state: dict[st
 
 def run(cfg, transport, train_ids: list[int], server_round: int) -> dict:
     """The two exchanges; returns {"matrix": {(model, data): (acc, loss, n)}, "failures": [...]}."""
-    from fedpers.payload import Failure
 
     r = cfg.run
     max_bytes = int(r.max_upload_mb * 1024 * 1024)

@@ -29,8 +29,8 @@ from strategies import (  # noqa: E402,F401  (registration side effects)
     local,
     lora_baselines,
     pfedhn,
-    pfedmoap,
     pfedlora_gen,
+    pfedmoap,
     pfedpg,
 )
 

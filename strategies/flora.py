@@ -31,7 +31,15 @@ from strategies._checks import require
 from strategies.base import HEAD, ClientUpdate, Strategy, register_strategy, weights_of
 from strategies.lora_common import LoraAvgConfig, init_lora, require_lora
 from strategies.lora_fold import (
-    a_of, add_folds, b_of, factor_names, fold_of, fold_shapes, modules, pad, truncate,
+    a_of,
+    add_folds,
+    b_of,
+    factor_names,
+    fold_of,
+    fold_shapes,
+    modules,
+    pad,
+    truncate,
 )
 
 FRESH_SALT = 0xF10A

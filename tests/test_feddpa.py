@@ -44,7 +44,7 @@ def feddpa_run(tmp_path_factory):
 
 
 def test_global_adapter_is_averaged_and_local_one_never_travels(feddpa_run):
-    cfg, t, strategy, start, _ = feddpa_run
+    _cfg, t, strategy, start, _ = feddpa_run
     for msgs in t.sent:
         assert not any(k.startswith(LOCAL) for a in msgs.values() for k in a)
     replies = sorted(t.received[0].values(), key=lambda r: r.partition_id)
@@ -55,7 +55,7 @@ def test_global_adapter_is_averaged_and_local_one_never_travels(feddpa_run):
         np.testing.assert_allclose(v, start[k] + mean, rtol=1e-5, atol=1e-6)
     # every client trained its own local adapter (B left zero would mean it never learned)
     states = [t.states[p] for p in sorted(t.states)]
-    b = [k for k in states[0] if k.startswith(LOCAL) and k.endswith("lora_B.weight")][0]
+    b = next(k for k in states[0] if k.startswith(LOCAL) and k.endswith("lora_B.weight"))
     assert all(np.abs(s[b]).max() > 0 for s in states)
     assert not np.array_equal(states[0][b], states[1][b])
 
