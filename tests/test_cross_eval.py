@@ -43,6 +43,7 @@ def test_diagonal_is_each_clients_own_accuracy_and_gap_is_own_minus_others(tmp_p
     assert json.loads((tmp_path / "local" / "summary.json").read_text())["final"]["cross_eval"]["gap"] == ce["gap"]
 
 
+@pytest.mark.slow
 def test_a_shared_model_scores_the_same_whoever_owns_it(tmp_path):
     """fedavg clients all evaluate the global model they received, so every row of the matrix is the
     same: a cross-evaluation that scored the data owner's model instead would still pass the diagonal
@@ -83,6 +84,7 @@ class ClientAppGrid:
         return out
 
 
+@pytest.mark.slow
 def test_flower_transport_gives_the_fast_engines_matrix(tmp_path, monkeypatch):
     from fedpers.flower.apps import FlowerTransport
 
