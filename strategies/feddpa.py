@@ -31,6 +31,7 @@ FedDPA-F (global training first, local fine-tuning after it) is not implemented.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -53,8 +54,8 @@ class FedDPAConfig(LoraAvgConfig):
     train_weight: float = 0.5  # a while training: weight of the local adapter (1 - a: the global one), in [0, 1]
     max_weight: float = 0.5  # test-time a(x) = max_weight * mean cosine similarity to the reference instances, in [0, 1]
     instance_num: int = 5  # M: own training instances whose features a test instance is compared with
-    global_epochs: int | None = None  # epochs on the global adapter each round (local one frozen); default client.local_epochs
-    local_epochs: int | None = None  # epochs on the local adapter each round (global one frozen); default client.local_epochs
+    global_epochs: Optional[int] = None  # epochs on the global adapter each round (local one frozen); default client.local_epochs
+    local_epochs: Optional[int] = None  # epochs on the local adapter each round (global one frozen); default client.local_epochs
 
     def validate(self) -> None:
         super().validate()
