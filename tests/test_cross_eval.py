@@ -110,3 +110,16 @@ def test_sweep_table_has_the_gap_column(tmp_path):
     header = next(line for line in text.splitlines() if line.startswith("| strategy | seeds"))
     line = next(line for line in text.splitlines() if line.startswith("| s | 2"))
     assert line.split(" | ")[header.split(" | ").index("gap")] == "20.0 ± 5.0"
+
+
+def test_a_client_without_a_model_is_a_recorded_failure_not_a_crash(tmp_path):
+    """With 2 of 3 clients sampled in the only round, one client never trained: its upload fails with a
+    reason, the two trained models are still scored on all three test splits."""
+    cfg, summary, m = run_fast(tmp_path, "local", **{"run.rounds": 1, "run.clients_per_round": 2})
+    ce = summary["final"]["cross_eval"]
+    trained = {int(p) for p in summary["final"]["per_client"]}
+    assert len(trained) == 2 and ce["num_models"] == 2
+    assert {m_ for m_, _ in m} == trained and {d for _, d in m} == set(range(cfg.run.num_clients))
+    (failure,) = ce["failures"]
+    assert failure["stage"] == "upload" and failure["partition_id"] not in trained
+    assert "no personal model" in failure["reason"]
