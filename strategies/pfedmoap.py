@@ -5,8 +5,8 @@ The paper's round, as its official code runs it: the server keeps every client's
 and their FedAvg ``P_glob``. A sampled client starts its local prompt from ``P_glob``, downloads the
 prompts of ``num_experts`` *other* clients, chosen by the server as the nearest neighbours (L2) of the
 client's own latest prompt, as frozen non-local experts, and trains its prompt together with a local
-attention gating network that never leaves it; it uploads only its prompt. Prediction (paper Eq. for
-the final logits):
+attention gating network that never leaves it; it uploads only its prompt. Prediction (the paper's
+final logits, as the official ``CustomCLIP.forward`` computes them):
 
     logits = lambda * logits_local + logits_MoE
 
