@@ -2,7 +2,6 @@
 never leaves it; the mixture follows the gate."""
 
 import numpy as np
-import pytest
 import torch
 
 from fedpers.config import load_config
@@ -44,7 +43,6 @@ def test_mixture_follows_the_gate():
     torch.testing.assert_close(out, 0.5 * own + far, atol=1e-4, rtol=0)
 
 
-@pytest.mark.slow
 def test_gate_stays_local_and_experts_are_other_clients_uploads(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path / "moap", **{"strategy.name": "pfedmoap", "strategy.num_experts": 2}))
     t = Spy(cfg)
