@@ -301,6 +301,10 @@ def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], re
     }
     state = {k: trained[k].detach().numpy().astype(DTYPE).copy() for k in personal}
     test_loss, test_acc = eval_result or evaluate(ctx, eval_tensors if eval_tensors is not None else trained)
+    if ctx.cfg.run.cross_eval:  # the model just evaluated, kept for the cross-evaluation after training
+        from fedpers import cross_eval
+
+        cross_eval.stash(state, eval_tensors if eval_tensors is not None else trained)
     per_epoch = steps_per_epoch(ctx)
     metrics = {
         "train_loss": float(np.mean(losses[-per_epoch:])) if losses else float("nan"),

@@ -61,6 +61,7 @@ class RunConfig:
     max_delta_norm: float = 1e4  # replies whose delta (all tensors jointly) has a larger L2 norm are rejected before they touch server state
     max_num_examples: int = 100_000  # a reply claiming more examples counts as this many in weighted aggregation
     max_memory_gb: float = 32.0  # refuse to start when a lower bound of client + server tensor and activation memory exceeds this
+    cross_eval: bool = False  # after the last round, score every trained client's personal model on every client's test split (cross_eval.csv, cross_eval.png, final.cross_eval in summary.json); models move between clients, so a simulation diagnostic
 
 
 @dataclass

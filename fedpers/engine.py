@@ -46,6 +46,10 @@ class InProcessTransport:
         self._pool: ProcessPoolExecutor | None = None
 
     def exchange(self, server_round: int, payloads: dict[int, dict[str, np.ndarray]], timeout: float):
+        from fedpers import cross_eval
+
+        if cross_eval.is_control(payloads):  # evaluation only: no batched training path applies
+            return {pid: self._one(server_round, pid, arrays) for pid, arrays in payloads.items()}
         if self.cfg.run.batch_clients and payloads:
             return self._exchange_batched(server_round, payloads)
         if self.cfg.run.workers > 1 and payloads:

@@ -77,6 +77,7 @@ class Ledger:
         # run with many clients does not grow by a dict per client per round.
         self.rows: list[dict] = [_lean(r) for r in rows]
         self.unseen: dict | None = None
+        self.cross_eval: dict | None = None
         self.params_down = sum(int(np.prod(s)) for k, s in strategy.shapes.items() if k in strategy.sends)
         self.params_up = sum(int(np.prod(s)) for s in strategy.reply_spec().values())
         # Wall time keeps counting across a resume.
@@ -137,6 +138,10 @@ class Ledger:
         """Held-out clients' accuracies after personalizing from the trained server state."""
         self.unseen = result
 
+    def record_cross_eval(self, result: dict) -> None:
+        """Summary of the cross-evaluation (``fedpers.cross_eval.summarize``)."""
+        self.cross_eval = result
+
     def finish(self, extra: dict | None = None) -> dict:
         """Write summary.json (plus ``extra`` entries, e.g. the privacy report), rounds.csv and plots."""
         final = _stats(self.last_acc)
@@ -145,6 +150,8 @@ class Ledger:
         # None (JSON null) when no client was held out, so "not measured" is never mistaken for a value.
         final["unseen_accuracy_mean"] = u["accuracy_mean"] if unseen_acc else None
         final["unseen_accuracy_worst10"] = u["accuracy_worst10"] if unseen_acc else None
+        if self.cross_eval is not None:
+            final["cross_eval"] = self.cross_eval
         summary = {
             "strategy": self.strategy_name,
             "rounds": len(self.rows),

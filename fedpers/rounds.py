@@ -23,8 +23,12 @@ def client_round(
     data: ClientData | None = None,
 ) -> tuple[Reply, dict[str, np.ndarray]]:
     """``data``: the device's own data (deployment); None = this partition of the simulated federation."""
+    from fedpers import cross_eval
+
     strategy_cls = get_strategy_class(cfg.strategy.name)
     ctx = make_context(cfg, partition_id, server_round, data)
+    if cross_eval.CONTROL in received:  # not a training round: upload or score personal models
+        return cross_eval.client_op(ctx, strategy_cls, received, state), state
     reply, state = strategy_cls.client_update(ctx, received, state)
     reply.arrays = privatize_reply(cfg, reply.arrays, server_round, partition_id)  # identity unless dp.clip_norm > 0
     return reply, state

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -151,7 +152,19 @@ def run_server(cfg: ExperimentConfig, transport: Transport, strategy: Strategy |
         _report(bar, row, server_round, r.rounds, ok, sampled, failed)
     if unseen_ids:
         ledger.record_unseen(personalize_unseen(cfg, strategy, transport, unseen_ids, max_bytes))
+    if r.cross_eval:
+        ledger.record_cross_eval(_cross_eval(cfg, transport, train_ids))
     return ledger.finish(dp.privacy_report(cfg, ledger.rows))
+
+
+def _cross_eval(cfg: ExperimentConfig, transport: Transport, train_ids: list[int]) -> dict:
+    from fedpers import cross_eval
+
+    result = cross_eval.run(cfg, transport, train_ids, cfg.run.rounds + cfg.run.unseen_rounds + 1)
+    cross_eval.write(result, Path(cfg.run.output_dir), cfg.strategy.name)
+    summary = cross_eval.summarize(result)
+    log.info("cross-evaluation: own %s, others %s, gap %s", summary["own_mean"], summary["others_mean"], summary["gap"])
+    return summary
 
 
 def _report(bar, row, server_round, rounds, ok, sampled, failed) -> None:

@@ -38,7 +38,8 @@ from fedpers.sweep_exec import run_grid  # the executors live there; run_grid st
 log = logging.getLogger("fedpers")
 
 COLUMNS = ["partition", "strategy", "seed", "status", "accuracy_mean", "accuracy_worst10", "unseen_accuracy_mean",
-           "params_per_round", "bytes_per_round", "local_steps", "rounds", "wall_time_s", "output_dir", "error"]
+           "cross_eval_gap", "params_per_round", "bytes_per_round", "local_steps", "rounds", "wall_time_s", "output_dir",
+           "error"]
 
 
 @dataclass
@@ -177,6 +178,7 @@ def row_of(cell: Cell, status: str, error: str = "") -> dict:
             "accuracy_mean": f["accuracy_mean"],
             "accuracy_worst10": f["accuracy_worst10"],
             "unseen_accuracy_mean": f.get("unseen_accuracy_mean"),
+            "cross_eval_gap": (f.get("cross_eval") or {}).get("gap"),  # run.cross_eval: own - others accuracy
             "params_per_round": s["params"]["down_per_client_round"] + s["params"]["up_per_client_round"],
             "bytes_per_round": s["bytes"]["down_per_client_round"] + s["bytes"]["up_per_client_round"],
             "rounds": s["rounds"],
@@ -230,22 +232,25 @@ def write_table(rows: list[dict], path: Path, title: str) -> str:
     strats = list(dict.fromkeys(r["strategy"] for r in rows))
     legend = ("Personalized test accuracy (%) on each client's own test split, mean ± std over seeds "
               "(std of the per-seed means). worst-10%: mean of the lowest 10% of clients. unseen: held-out "
-              "clients after personalizing from the trained server state. params/bytes: per client and round, "
+              "clients after personalizing from the trained server state. gap (run.cross_eval): a personal model's "
+              "accuracy on its own client minus on the others' (points). params/bytes: per client and round, "
               "down + up. steps: local optimizer steps per client and round (the local budget).")
     lines = [f"# {title}", "", legend, ""]
     for key, name in (("accuracy_mean", "accuracy"), ("accuracy_worst10", "worst-10%"),
                       ("unseen_accuracy_mean", "unseen-client accuracy")):
         lines += _pivot(ok, parts, strats, key, name)
     for p in parts:
-        lines += [f"## {p}", "", "| strategy | seeds | accuracy | worst-10% | unseen | params/round | bytes/round | steps |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {p}", "", "| strategy | seeds | accuracy | worst-10% | unseen | gap | params/round | bytes/round "
+                  "| steps |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for s in strats:
             rs = [r for r in ok if r["partition"] == p and r["strategy"] == s]
             if not rs:
                 continue
             lines.append(f"| {s} | {len(rs)} | {_fmt([r['accuracy_mean'] for r in rs])} | "
                          f"{_fmt([r['accuracy_worst10'] for r in rs])} | "
-                         f"{_fmt([r['unseen_accuracy_mean'] for r in rs])} | {_sci(rs[0]['params_per_round'])} | "
+                         f"{_fmt([r['unseen_accuracy_mean'] for r in rs])} | "
+                         f"{_fmt([r.get('cross_eval_gap') for r in rs])} | {_sci(rs[0]['params_per_round'])} | "
                          f"{_sci(float(np.mean([r['bytes_per_round'] for r in rs])))} | "
                          f"{_fmt([r.get('local_steps') for r in rs], pct=False)} |")
         lines.append("")

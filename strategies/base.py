@@ -8,6 +8,8 @@ A strategy is server-side logic plus a declaration of which client tensors trave
   (by default the linear head, ``head.weight`` and ``head.bias``). A client tensor in neither list is
   re-initialised every round. A strategy that keeps a private copy of a client tensor next to the
   one it sends (Ditto, APFL) names it ``personal.<name>``.
+- ``broadcast`` (an instance attribute, name -> shape): tensors the server also sends that the client
+  uses as they are and does not answer for (FedEx-LoRA's folded residual, pFedMoAP's expert prompts).
 
 Client tensor names come from ``fedpers.client.client_tensor_shapes`` (``prompts``, ``head.weight``,
 ``head.bias``; ``deep_prompts`` for ``deep_prompts = True``; ``backbone.*`` for
@@ -71,6 +73,15 @@ class Strategy(ABC):
 
         return default_client_update(cls, ctx, received, state)
 
+    @classmethod
+    def evaluate_model(cls, ctx, tensors) -> tuple[float, float]:
+        """(loss, accuracy) of a client model (the tensors a client evaluated itself with) on ``ctx``'s
+        test split; used by the cross-evaluation. Strategies whose prediction is not one forward pass
+        with these tensors (per-instance mixtures, experts) override it."""
+        from fedpers.client import evaluate
+
+        return evaluate(ctx, tensors)
+
     def __init__(self, config: Any, *, num_clients: int, shapes: dict[str, tuple[int, ...]], seed: int,
                  init_std: float = 0.5):
         self.config = config
@@ -79,10 +90,11 @@ class Strategy(ABC):
         self.shapes = dict(shapes)
         self.seed = seed
         self.sends, self.personal = type(self).tensor_roles(self.shapes)
+        self.broadcast: dict[str, tuple[int, ...]] = {}
 
     def client_shapes(self, partition_id: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the tensors exchanged with this client (hetlora: truncated to the client's rank)."""
-        return self.shapes
+        return {**self.shapes, **self.broadcast}
 
     def reply_spec(self, partition_id: int | None = None) -> dict[str, tuple[int, ...]]:
         """Exact keys and shapes a valid reply (from ``partition_id``) carries."""
@@ -91,7 +103,7 @@ class Strategy(ABC):
 
     @abstractmethod
     def configure(self, server_round: int, partition_ids: list[int]) -> dict[int, dict[str, np.ndarray]]:
-        """Tensors to send each sampled client this round (keys == ``sends``)."""
+        """Tensors to send each sampled client this round (keys == ``sends`` + ``broadcast``)."""
 
     @abstractmethod
     def aggregate(self, server_round: int, updates: list[ClientUpdate]) -> dict[str, float]:

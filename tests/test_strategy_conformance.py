@@ -71,7 +71,7 @@ def test_sends_and_receives_only_declared_tensors(two_rounds):
     assert len(t.sent) == cfg.run.rounds + cfg.run.unseen_rounds  # training rounds, then the unseen exchange
     for sent, received in zip(t.sent, t.received):
         for pid, arrays in sent.items():
-            assert set(arrays) == set(strategy.sends)
+            assert set(arrays) == set(strategy.sends) | set(strategy.broadcast)
             assert not set(arrays) & set(strategy.personal)
             for k, a in arrays.items():
                 assert a.dtype == np.float32 and a.shape == tuple(strategy.client_shapes(pid)[k])

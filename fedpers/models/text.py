@@ -61,6 +61,14 @@ def lora_module(name: str) -> str:
     return name.rsplit(".lora_", 1)[0]
 
 
+FOLD = ".fold.weight"  # suffix of a dense weight delta added to a LoRA-wrapped module's frozen weight
+
+
+def fold_name(module: str) -> str:
+    """``encoder.layer.0.attention.self.query`` -> its fold tensor's name (FedEx-LoRA, FLoRA, FedDPA)."""
+    return module + FOLD
+
+
 def init_lora_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """peft's LoRA initialisation: A ~ kaiming-uniform(a=sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)), B = 0,
     so every adapted model starts as the frozen backbone."""
@@ -186,6 +194,13 @@ class PeftTextModel(nn.Module):
         """Nothing to precompute: every adapter acts inside the network."""
         return batch
 
+    def _frozen_weight(self, param: str) -> torch.Tensor:
+        if not hasattr(self, "_frozen"):
+            self._frozen = {n: p.detach() for n, p in self.peft.named_parameters() if n.endswith("base_layer.weight")}
+        if param not in self._frozen:
+            raise KeyError(f"no LoRA-wrapped module with frozen weight {param!r}")
+        return self._frozen[param]
+
     def features_with(self, batch: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N, 2, L) ids+mask and the client's adapter tensors -> (N, hidden) pooled features."""
         from torch.func import functional_call
@@ -194,6 +209,13 @@ class PeftTextModel(nn.Module):
         if missing:
             raise KeyError(f"adapter tensors missing: {missing[:3]}{'...' if len(missing) > 3 else ''}")
         params = {self._param_of[k]: tensors[k] for k in self._param_of}
+        # Folded residuals (``<module>.fold.weight``, out x in): the frozen weight W0 is replaced by
+        # W0 + fold for this call only, which is what merging an update into the backbone means for
+        # a backbone every simulated client shares and nobody may mutate.
+        for k, v in tensors.items():
+            if k.endswith(FOLD):
+                base = PEFT_PREFIX + k[: -len(FOLD)] + ".base_layer.weight"
+                params[base] = self._frozen_weight(base) + v
         ids, mask = batch[:, 0], batch[:, 1]
         out = functional_call(self.peft, params, (), {"input_ids": ids, "attention_mask": mask}, strict=False)
         h = out.last_hidden_state

@@ -1,0 +1,197 @@
+"""pFedMoAP (Luo et al., ICLR 2025, "Mixture of Experts Made Personalized: Federated Prompt Learning for
+Vision-Language Models", Sec. 3 / Algorithm 1), adapted from CLIP text prompts to our prompted backbone.
+
+The paper's round, as its official code runs it: the server keeps every client's latest uploaded prompt
+and their FedAvg ``P_glob``. A sampled client starts its local prompt from ``P_glob``, downloads the
+prompts of ``num_experts`` *other* clients, chosen by the server as the nearest neighbours (L2) of the
+client's own latest prompt, as frozen non-local experts, and trains its prompt together with a local
+attention gating network that never leaves it; it uploads only its prompt. Prediction (the paper's
+final logits, as the official ``CustomCLIP.forward`` computes them):
+
+    logits = lambda * logits_local + logits_MoE
+
+where the gate's query is the input's feature and its keys/values are the experts' outputs (its own
+included), so the mixture weights are per input. A client seen for the first time gets no experts
+and uses the local logits alone (as the official code does).
+
+Adaptation to a prompted ViT / prompted text model with a personal linear head (CLIP's experts are
+per-class text features; ours are prompt-conditioned input features, the classifier is the head):
+
+    f_e(x) = backbone features of x under prompt e   (e = 0: own prompt, trainable; 1..K: experts, frozen)
+    g(x)   = softmax_e( scaling * cos(f_0(x) W_q, f_e(x) W_k) )      (W_q, W_k: D x gate_dim, personal)
+    logits = lambda * head(f_0(x)) + head( sum_e g_e(x) f_e(x) )
+
+Simplified (named): one attention head with query/key projections only (the official code uses a
+multi-head ``nn.MultiheadAttention`` on strided-pooled features), and values are the expert features
+themselves so the personal head reads the mixture. Cost: K + 1 forward passes per batch. Experts are
+broadcast (``experts``: K x prompt shape, ``expert_mask``: which slots hold a prompt) and not answered
+for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from strategies._avg import Averaging, AveragingConfig
+from strategies._checks import require
+from strategies.base import HEAD, ClientUpdate, register_strategy
+
+GATE = ("gate.q", "gate.k")
+GATE_SALT = 0x6A7E
+
+
+@dataclass
+class PFedMoAPConfig(AveragingConfig):
+    name: str = "pfedmoap"
+    num_experts: int = 3  # K non-local experts per client: the prompts of the K nearest other clients
+    lmbda: float = 0.5  # weight of the local logits next to the mixture's (paper: lambda = 0.5)
+    gate_dim: int = 32  # width of the gate's query/key projections
+    scaling: float = 10.0  # temperature of the gate's cosine attention (official default 10)
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
+        require(self.lmbda >= 0, "lmbda", f"must be >= 0, got {self.lmbda}")
+        require(self.gate_dim >= 1, "gate_dim", f"must be >= 1, got {self.gate_dim}")
+        require(self.scaling > 0, "scaling", f"must be > 0, got {self.scaling}")
+
+
+def nearest(own: np.ndarray, pool: dict[int, np.ndarray], k: int) -> list[int]:
+    """Up to ``k`` partition ids of ``pool`` nearest to ``own`` in L2 (ties by id)."""
+    dist = sorted((float(np.sum((own.astype(np.float64) - p) ** 2)), pid) for pid, p in pool.items())
+    return [pid for _, pid in dist[:k]]
+
+
+def moe_logits(feats: list[torch.Tensor], mask: torch.Tensor, t: dict[str, torch.Tensor], lmbda: float, scaling: float):
+    """feats[0]: own features (N, D), feats[1..K]: experts'; mask (K,) marks real experts."""
+    local = F.linear(feats[0], t["head.weight"], t["head.bias"])
+    if not bool(mask.any()):
+        return local
+    stack = torch.stack(feats, 1)  # (N, K+1, D)
+    q = F.normalize(feats[0] @ t["gate.q"], dim=-1)
+    k = F.normalize(stack @ t["gate.k"], dim=-1)
+    score = scaling * torch.einsum("nd,ned->ne", q, k)
+    keep = torch.cat([torch.ones(1, dtype=torch.bool), mask.bool()])
+    g = torch.softmax(score.masked_fill(~keep, -math.inf), dim=1)
+    mixed = torch.einsum("ne,ned->nd", g, stack)
+    return lmbda * local + F.linear(mixed, t["head.weight"], t["head.bias"])
+
+
+@register_strategy
+class PFedMoAP(Averaging):
+    name = "pfedmoap"
+    summary = "FedAvg prompt start + K nearest other clients' prompts as frozen experts, mixed by a local attention gate (pFedMoAP)"
+    config_cls = PFedMoAPConfig
+    sends = ("prompts",)
+    personal = HEAD + GATE
+
+    def __init__(self, config, *, num_clients, shapes, seed, init_std=0.5, backbone_state=None):
+        super().__init__(config, num_clients=num_clients, shapes=shapes, seed=seed, init_std=init_std)
+        k = int(config.num_experts)
+        self.broadcast = {"experts": (k, *shapes["prompts"]), "expert_mask": (k,)}
+        self.latest: dict[int, np.ndarray] = {}  # each training client's last uploaded prompt
+        self.unseen_latest: dict[int, np.ndarray] = {}
+
+    def _payload(self, pid: int, own: np.ndarray | None) -> dict[str, np.ndarray]:
+        k = int(self.config.num_experts)
+        experts = np.zeros(self.broadcast["experts"], dtype=np.float32)
+        mask = np.zeros(k, dtype=np.float32)
+        if own is not None:  # a client seen before: its nearest other clients' prompts
+            for slot, other in enumerate(nearest(own, {p: v for p, v in self.latest.items() if p != pid}, k)):
+                experts[slot], mask[slot] = self.latest[other], 1.0
+        return {"prompts": self.global_tensors["prompts"].copy(), "experts": experts, "expert_mask": mask}
+
+    def configure(self, server_round, partition_ids):
+        return {pid: self._payload(pid, self.latest.get(pid)) for pid in partition_ids}
+
+    def aggregate(self, server_round, updates: list[ClientUpdate]):
+        sent = self.global_tensors["prompts"].copy()
+        metrics = super().aggregate(server_round, updates)  # P_glob: FedAvg of the uploaded prompts
+        for u in updates:
+            self.latest[u.partition_id] = (sent + u.deltas["prompts"]).astype(np.float32)
+        return metrics
+
+    def configure_unseen(self, server_round, partition_ids):
+        return {pid: self._payload(pid, self.unseen_latest.get(pid)) for pid in partition_ids}
+
+    def adapt_unseen(self, server_round, updates):
+        """A held-out client's own prompt picks its experts next time; the trained state is untouched."""
+        sent = self.global_tensors["prompts"]
+        for u in updates:
+            self.unseen_latest[u.partition_id] = (sent + u.deltas["prompts"]).astype(np.float32)
+        return {}
+
+    def state_dict(self):
+        return {**super().state_dict(), "latest": {int(p): v.copy() for p, v in self.latest.items()}}
+
+    def load_state_dict(self, state):
+        super().load_state_dict({"global": state["global"]})
+        self.latest = {int(p): np.asarray(v, dtype=np.float32).copy() for p, v in state.get("latest", {}).items()}
+
+    # -- client side
+    @classmethod
+    def _init_gate(cls, ctx, state) -> dict[str, torch.Tensor]:
+        from fedpers.client import seed_for
+
+        d, g = ctx.model.embed_dim, int(ctx.cfg.strategy.gate_dim)
+        out = {}
+        for i, k in enumerate(GATE):
+            if k in state:
+                out[k] = torch.from_numpy(np.array(state[k], dtype=np.float32))
+            else:
+                gen = torch.Generator().manual_seed(seed_for(ctx.cfg.run.seed, ctx.partition_id, GATE_SALT, i))
+                out[k] = torch.randn(d, g, generator=gen) / math.sqrt(d)
+        return out
+
+    @classmethod
+    def _logits(cls, ctx, tokens, t) -> torch.Tensor:
+        c = ctx.cfg.strategy
+        feats = [ctx.model.features_with(tokens, t)]
+        mask = t["expert_mask"]
+        with torch.no_grad():  # experts are frozen
+            for e in range(mask.shape[0]):
+                feats.append(ctx.model.features_with(tokens, {**t, "prompts": t["experts"][e]}) if mask[e] > 0
+                             else torch.zeros_like(feats[0]))
+        return moe_logits(feats, mask, t, float(c.lmbda), float(c.scaling))
+
+    @classmethod
+    def client_update(cls, ctx, received, state):
+        from fedpers.client import batch_tokens, finish, start_tensors
+
+        tensors = start_tensors(ctx, received, state)
+        tensors.update(cls._init_gate(ctx, state))
+        trainable = ["prompts", *HEAD, *GATE]
+        for k in ("experts", "expert_mask"):
+            tensors[k] = torch.from_numpy(np.array(received[k], dtype=np.float32))
+        # Same loop, optimizer and batch order as fedpers.client.fit; only the forward pass differs.
+        cc = ctx.cfg.client
+        for k in trainable:
+            tensors[k].requires_grad_(True)
+        opt = torch.optim.SGD([tensors[k] for k in trainable], lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay)
+        g, data, losses = ctx.generator(), ctx.data, []
+        tokens = batch_tokens(ctx, data.x_train)
+        for _ in range(cc.local_epochs):
+            order = torch.randperm(data.num_train, generator=g)
+            for i in range(0, data.num_train, cc.batch_size):
+                idx = order[i : i + cc.batch_size]
+                loss = F.cross_entropy(cls._logits(ctx, tokens(idx), tensors), data.y_train[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        tensors = {k: v.detach() for k, v in tensors.items()}
+        return finish(ctx, cls.sends, cls.personal, received, tensors, losses,
+                      eval_result=cls.evaluate_model(ctx, tensors))
+
+    @classmethod
+    @torch.no_grad()
+    def evaluate_model(cls, ctx, tensors):
+        x = ctx.model.embed(ctx.model.prepare(ctx.data.x_test))
+        out = cls._logits(ctx, x, tensors)
+        y = ctx.data.y_test
+        return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
