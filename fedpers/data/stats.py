@@ -93,10 +93,17 @@ def label_partitioner(fed: FederatedData):
     return part
 
 
+REPORT_FILES = ("partitions.json", "heterogeneity.json", "label_counts.csv", "label_distribution.png",
+                "label_heatmap.png", "domains.png")
+
+
 def write_report(fed: FederatedData, out: str | Path, title: str | None = None, plots: bool = True) -> dict:
-    """Write partitions.json, heterogeneity.json, label_counts.csv and PNG plots into ``out``."""
+    """Write partitions.json, heterogeneity.json, label_counts.csv and PNG plots into ``out``, after
+    removing every file an earlier report left there, so no stale plot sits beside new numbers."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
     rep = report(fed)
     (out / "partitions.json").write_text(json.dumps(rep, indent=1))
     summary = {k: v for k, v in rep["heterogeneity"].items() if not k.startswith("per_client")}
