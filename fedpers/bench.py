@@ -1,9 +1,10 @@
 """``python -m fedpers.bench [--output FILE] [--device cpu|cuda] [--quick]``: the fast engine's benchmark.
 
-Prints and writes JSON with ``P1_overhead`` .. ``P6_cache`` (see issue #8), the machine, and the load
-average before and after: every figure is a ratio measured within this one run, on a machine that may
-be shared, so read them with the recorded load in mind. ``--quick`` shrinks every part (and skips the
-Flower runs) so the test suite can smoke-run it in seconds. Never a pass/fail timing test.
+Prints and writes JSON with ``P1_overhead`` .. ``P6_cache`` and ``P8_busy`` (each described in the
+README's Performance section), the machine, and the load average before and after: every figure is a
+ratio measured within this one run, on a machine that may be shared, so read them with the recorded
+load in mind. ``--quick`` shrinks every part and skips the Flower runs: about 3 minutes on 2 cores
+instead of about 10 (the slow test tier smoke-runs it). Never a pass/fail timing test.
 """
 
 from __future__ import annotations
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", help="JSON file to write (default: print only)")
     ap.add_argument("--device", default="cpu", help="device of the batched trainer in P3: cpu | cuda | cuda:N")
-    ap.add_argument("--quick", action="store_true", help="tiny settings, no Flower runs (seconds; CI smoke)")
+    ap.add_argument("--quick", action="store_true", help="tiny settings, no Flower runs: about 3 minutes on 2 cores instead of about 10")
     ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P8,profile", help="comma-separated parts to run")
     ap.add_argument("--memory-child", nargs=2, type=int, metavar=("CLIENTS", "ROUNDS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

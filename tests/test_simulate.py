@@ -26,6 +26,9 @@ def test_run_writes_results_folder(tmp_path, capsys):
     assert summary["final"]["accuracy_mean"] > 0.2  # 10 classes: chance is 0.1
     printed = json.loads(capsys.readouterr().out)
     assert printed["results"] == str(out)
+    # One wall_time_s: the console's is summary.json's; the whole command (data, backbone) is named apart.
+    assert printed["wall_time_s"] == round(summary["wall_time_s"], 1)
+    assert printed["command_time_s"] >= printed["wall_time_s"]
 
 
 def test_same_seed_same_results_other_seed_differs(tmp_path):
