@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from fedpers.data import DataError, build_federated
-    from fedpers.data.stats import write_report
+    from fedpers.data.stats import describe_setting, write_report
 
     try:
         fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --out {out}: {owner} holds a simulation run (its {', '.join(f for f in RUN_FILES if (owner / f).exists())});"
               " choose a folder of its own", file=sys.stderr)
         return 2
-    rep = write_report(fed, out, plots=not args.no_plots)
+    rep = write_report(fed, out, describe_setting(cfg.data, cfg.run.seed), plots=not args.no_plots)
     het = {k: (round(v, 4) if isinstance(v, float) else v)
            for k, v in rep["heterogeneity"].items() if not k.startswith("per_client")}
     print(json.dumps({"partitioner": cfg.data.partitioner.name, "shift": cfg.data.shift.name,

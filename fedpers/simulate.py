@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None):
     )
     ap.add_argument("--config", help="YAML config file (see experiments/configs/)")
     ap.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
-    ap.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's debug logs")
+    ap.add_argument("-v", "--verbose", action="store_true", help="also show Flower's and Ray's logs and warnings (debug level)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of config fields")
     return ap.parse_args(argv)
 
@@ -47,12 +47,12 @@ def preflight(cfg: ExperimentConfig) -> None:
     from pathlib import Path
 
     from fedpers.data import build_federated
-    from fedpers.data.stats import write_report
+    from fedpers.data.stats import describe_setting, write_report
     from fedpers.models.backbones import load_model
 
     fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
     # Every results folder says what the clients' data looked like (same files as `python -m fedpers.partitions`).
-    write_report(fed, Path(cfg.run.output_dir) / "partitions")
+    write_report(fed, Path(cfg.run.output_dir) / "partitions", describe_setting(cfg.data, cfg.run.seed))
     sizes = [c.num_train for c in fed.clients]
     logging.getLogger("fedpers").info(
         "%s: %d clients, train sizes min %d / max %d", cfg.data.dataset, len(sizes), min(sizes), max(sizes)
@@ -60,7 +60,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     load_model(cfg.model)
 
 
-def run(cfg: ExperimentConfig) -> dict:
+def run(cfg: ExperimentConfig, verbose: bool = False) -> dict:
     preflight(cfg)
     if cfg.run.engine in ("fast", "inprocess"):
         from fedpers.engine import InProcessTransport
@@ -73,7 +73,7 @@ def run(cfg: ExperimentConfig) -> dict:
             transport.close()
     from fedpers.flower.simulation import run_flower_simulation
 
-    return run_flower_simulation(cfg)
+    return run_flower_simulation(cfg, verbose)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        summary = run(cfg)
+        summary = run(cfg, args.verbose)
     except (DataError, BackboneError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
