@@ -47,6 +47,7 @@ class RunConfig:
     client_timeout_s: float = 600.0  # how long the server waits for a round's replies
     max_upload_mb: float = 64.0  # replies whose arrays exceed this are rejected
     progress: bool = True  # show a progress bar over rounds
+    tensorboard: bool = False  # also write per-round scalars and the plots as TensorBoard event files in <output_dir>/tensorboard
     num_cpus_per_client: float = 1.0  # Flower engine: CPU share of each simulated client
     checkpoint_every: int = 1  # save server state to <output_dir>/checkpoint.pt every k rounds (0 = never)
     resume: bool = False  # continue from <output_dir>/checkpoint.pt (run.rounds may grow; other fields must match)
@@ -262,6 +263,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(r.batch_max_samples >= 1, "run.batch_max_samples", f"must be >= 1, got {r.batch_max_samples}")
     _require(r.workers >= 1, "run.workers", f"must be >= 1, got {r.workers}")
     _require(r.threads >= 0, "run.threads", f"must be >= 0 (0 = auto), got {r.threads}")
+    if r.tensorboard:
+        import importlib.util
+
+        _require(importlib.util.find_spec("tensorboard") is not None, "run.tensorboard",
+                 "needs the tensorboard package (pip install tensorboard), or set it to false")
     _require(r.workers == 1 or r.engine != "flower", "run.workers",
              "needs run.engine=fast (the Flower engine sizes its worker pool with run.num_cpus_per_client)")
     _require(r.workers == 1 or not r.batch_clients, "run.workers",

@@ -64,6 +64,11 @@ class Ledger:
         self.params_up = sum(int(np.prod(s)) for s in strategy.reply_spec().values())
         # Wall time keeps counting across a resume.
         self.t0 = time.perf_counter() - (self.rows[-1]["wall_time_s"] if self.rows else 0.0)
+        self.tb = None
+        if cfg.run.tensorboard:
+            from fedpers.tracking import TensorBoardLog
+
+            self.tb = TensorBoardLog(self.out, first_round=len(rows) + 1)
 
     def state_dict(self) -> dict:
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
@@ -108,6 +113,8 @@ class Ledger:
         self.rows.append(_lean(row))
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+        if self.tb is not None:
+            self.tb.round(row)
         return row
 
     def record_unseen(self, result: dict) -> None:
@@ -153,6 +160,8 @@ class Ledger:
         from fedpers.data.stats import describe_setting
 
         plot_results(self.rows, summary, self.out, describe_setting(self.cfg.data, self.cfg.run.seed))
+        if self.tb is not None:
+            self.tb.finish(self.out, len(self.rows))
         return summary
 
     def _write_csv(self) -> None:

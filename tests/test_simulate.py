@@ -16,6 +16,7 @@ def test_run_writes_results_folder(tmp_path, capsys):
     for name in ("config.yaml", "metrics.jsonl", "rounds.csv", "summary.json",
                  "accuracy_per_round.png", "accuracy_per_client.png"):
         assert (out / name).is_file(), name
+    assert not (out / "tensorboard").exists()  # only with run.tensorboard=true
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert summary["rounds"] == len(rows) == 3
