@@ -58,3 +58,21 @@ def text_tiny_overrides(out_dir, adapter: str = "lora", **extra) -> list[str]:
     }
     text.update(extra)
     return tiny_overrides(out_dir, **text)
+
+
+def copy_app(dest):
+    """A copy of the Flower app (what `flwr run` bundles). `flwr run` on it may migrate its
+    [tool.flwr.federations] section into $FLWR_HOME/config.toml and comment it out there, as Flower
+    >= 1.26 does on a first run; tests run it on a copy so the checkout's pyproject.toml stays as is."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("pyproject.toml", "README.md", "fedpers", "strategies", "experiments/configs"):
+        src, dst = root / name, Path(dest) / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    return Path(dest)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import copy_app
 from tests.test_deployment import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +41,7 @@ def test_pyproject_declares_a_local_simulation_federation_for_every_default_clie
 
 @pytest.mark.slow  # Ray and a local SuperLink start, 10 clients: one to three minutes on 2 cores
 def test_flwr_run_dot_works_from_a_clone(tmp_path):
-    clone = tmp_path / "clone"
-    for name in ("pyproject.toml", "README.md", "fedpers", "strategies", "experiments/configs"):
-        src = ROOT / name
-        (clone / name).parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, clone / name)
+    clone = copy_app(tmp_path / "clone")
     home, out = tmp_path / "home", tmp_path / "results"
     control, http = free_port(), free_port()
     env = {**os.environ, "HOME": str(home), "FLWR_LOCAL_CONTROL_API_PORT": str(control),
@@ -67,3 +63,4 @@ def test_flwr_run_dot_works_from_a_clone(tmp_path):
     conns = tomllib.loads((home / ".flwr" / "config.toml").read_text())["superlink"]
     assert conns["default"] == "local-simulation"
     assert conns["local-simulation"]["options"]["num-supernodes"] == 10
+    assert "federations" not in tomllib.loads((clone / "pyproject.toml").read_text())["tool"]["flwr"]
