@@ -61,6 +61,9 @@ def preflight(cfg: ExperimentConfig) -> None:
 
 
 def run(cfg: ExperimentConfig, verbose: bool = False) -> dict:
+    from fedpers import threads
+
+    threads.prime()  # the fast engine's first thread decision samples the load during preflight
     preflight(cfg)
     if cfg.run.engine in ("fast", "inprocess"):
         from fedpers.engine import InProcessTransport

@@ -110,16 +110,35 @@ def explicit_threads(requested: int = 0) -> int | None:
     return None
 
 
+_meter: BusyMeter | None = None  # this process's reading since the last decision (or since first use)
+_meter_t = 0.0
+
+
+def prime() -> None:
+    """Start this process's load reading now, so the first decision samples the seconds until then
+    (``simulate.run`` calls it before building the data) instead of waiting ``sample_s``."""
+    global _meter, _meter_t
+    if _meter is None:
+        _meter, _meter_t = BusyMeter(), time.monotonic()
+
+
 def torch_threads(jobs: int = 1, requested: int = 0, sample_s: float = 0.25) -> int:
     """Threads each of ``jobs`` fedpers processes should give torch now (rules in the module docstring).
     A sweep that runs N cells at once calls ``torch_threads(jobs=N)`` and passes the result to each cell
-    as ``run.threads``."""
+    as ``run.threads``. The load is read over the time since the previous call in this process (loading
+    data and the backbone in between is a long enough sample), waiting only for a first call's
+    ``sample_s``."""
+    global _meter, _meter_t
     fixed = explicit_threads(requested)
     if fixed is not None:
         return fixed
-    meter = BusyMeter()
-    time.sleep(sample_s)
-    return choose(cpu_count(), meter.others_busy(), jobs)
+    prime()
+    wait = sample_s - (time.monotonic() - _meter_t)
+    if wait > 0:
+        time.sleep(wait)
+    others = _meter.others_busy()
+    _meter_t = time.monotonic()
+    return choose(cpu_count(), others, jobs)
 
 
 class ThreadPolicy:
