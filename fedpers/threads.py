@@ -43,7 +43,8 @@ def cpu_count() -> int:
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
     try:  # cgroup v2 quota, e.g. "200000 100000" = 2 cores; "max" = no quota
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
         if quota != "max":
             n = min(n, max(1, int(int(quota) / int(period))))
     except (OSError, ValueError):
@@ -128,7 +129,7 @@ def torch_threads(jobs: int = 1, requested: int = 0, sample_s: float = 0.25) -> 
     as ``run.threads``. The load is read over the time since the previous call in this process (loading
     data and the backbone in between is a long enough sample), waiting only for a first call's
     ``sample_s``."""
-    global _meter, _meter_t
+    global _meter_t
     fixed = explicit_threads(requested)
     if fixed is not None:
         return fixed
@@ -136,7 +137,7 @@ def torch_threads(jobs: int = 1, requested: int = 0, sample_s: float = 0.25) -> 
     wait = sample_s - (time.monotonic() - _meter_t)
     if wait > 0:
         time.sleep(wait)
-    others = _meter.others_busy()
+    others = _meter.others_busy() if _meter is not None else None
     _meter_t = time.monotonic()
     return choose(cpu_count(), others, jobs)
 

@@ -9,6 +9,7 @@ extra), so fedpers needs no second logging path.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 ROUND_SCALARS = {  # metrics.jsonl key -> TensorBoard tag
@@ -35,7 +36,7 @@ class TensorBoardLog:
         step = row["round"]
         for key, tag in ROUND_SCALARS.items():
             value = row.get(key)
-            if value is not None and value == value:  # NaN (no valid reply) is left out, not plotted as 0
+            if value is not None and not math.isnan(value):  # NaN (no valid reply) is left out, not plotted as 0
                 self.writer.add_scalar(tag, float(value), step)
         for pid, c in row.get("clients", {}).items():
             self.writer.add_scalar(f"client/{pid}/accuracy", float(c["accuracy"]), step)
