@@ -172,6 +172,8 @@ def plot_report(fed: FederatedData, out: Path, title: str, rep: dict | None = No
     plt.close(fig)
     if any("domain" in i for i in fed.shift_info):
         fig = plot_domains(fed)
+        fig.suptitle(title.split("\n")[0] + "\ntrain images per client (c<i> = client, y = label)", fontsize=8)
+        fig.tight_layout()
         fig.savefig(out / "domains.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
 
