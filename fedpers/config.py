@@ -44,6 +44,7 @@ class RunConfig:
     client_timeout_s: float = 600.0  # how long the server waits for a round's replies
     max_upload_mb: float = 64.0  # replies whose arrays exceed this are rejected
     progress: bool = True  # show a progress bar over rounds
+    tensorboard: bool = False  # also write per-round scalars and the plots as TensorBoard event files in <output_dir>/tensorboard
     num_cpus_per_client: float = 1.0  # Flower engine: CPU share of each simulated client
     num_gpus_per_client: float = 0.0  # Flower engine: GPU share of each simulated client (0.5 = two clients per GPU)
     ray_address: Optional[str] = None  # Flower engine: run the clients on this existing Ray cluster (HOST:PORT or auto); None = start a local Ray
@@ -53,7 +54,8 @@ class RunConfig:
     unseen_rounds: int = 3  # exchanges in which each held-out client adapts to the frozen trained server state
     cache: bool = True  # exact per-process caches of frozen computation (patch embeddings, frozen features)
     cache_mb: float = 1024.0  # memory budget of those caches per process; clients past it are recomputed
-    workers: int = 1  # fast engine: processes that train a round's clients in parallel (1 = this process; each of N gets cores/N torch threads)
+    workers: int = 1  # fast engine: processes that train a round's clients in parallel (1 = this process; each of N gets its share of the free cores as torch threads)
+    threads: int = 0  # fast engine and its workers: torch threads per process; 0 = auto (OMP_NUM_THREADS if set, else the cores other processes leave free, re-checked every round; see fedpers/threads.py)
     batch_clients: bool = False  # fast engine: train a round's clients together in mixed batches
     batch_max_samples: int = 1024  # batch_clients: most samples in one mixed forward/backward (clients grouped)
     device: str = "cpu"  # batch_clients: torch device of the batched trainer (cpu | cuda | cuda:N)
@@ -310,6 +312,12 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(r.cache_mb >= 0, "run.cache_mb", f"must be >= 0, got {r.cache_mb}")
     _require(r.batch_max_samples >= 1, "run.batch_max_samples", f"must be >= 1, got {r.batch_max_samples}")
     _require(r.workers >= 1, "run.workers", f"must be >= 1, got {r.workers}")
+    _require(r.threads >= 0, "run.threads", f"must be >= 0 (0 = auto), got {r.threads}")
+    if r.tensorboard:
+        import importlib.util
+
+        _require(importlib.util.find_spec("tensorboard") is not None, "run.tensorboard",
+                 "needs the tensorboard package (pip install tensorboard), or set it to false")
     _require(r.workers == 1 or r.engine != "flower", "run.workers",
              "needs run.engine=fast (the Flower engine sizes its worker pool with run.num_cpus_per_client)")
     _require(r.workers == 1 or not r.batch_clients, "run.workers",

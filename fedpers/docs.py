@@ -1,5 +1,5 @@
 """The config reference, read from the config dataclasses and their ``#`` comments: ``--help`` text and
-docs/config.md. ``python -m fedpers.docs`` regenerates docs/config.md.
+docs/config.md. ``python -m fedpers.docs`` regenerates docs/config.md; ``--check`` only compares.
 
 A test fails when the file is out of date, so every config field stays documented."""
 
@@ -87,8 +87,24 @@ def fields_markdown() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m fedpers.docs",
+                                 description="Regenerate docs/config.md, the config reference, from the config "
+                                 "dataclasses and their comments.")
+    ap.add_argument("--check", action="store_true",
+                    help="write nothing; exit 1 if docs/config.md is out of date (for CI and pre-commit)")
+    args = ap.parse_args(argv)
+    text = fields_markdown()
+    if args.check:
+        current = CONFIG_DOC.read_text() if CONFIG_DOC.exists() else ""
+        if current != text:
+            print(f"{CONFIG_DOC} is out of date: run python -m fedpers.docs", file=sys.stderr)
+            return 1
+        print(f"{CONFIG_DOC} is up to date")
+        return 0
     CONFIG_DOC.parent.mkdir(exist_ok=True)
-    CONFIG_DOC.write_text(fields_markdown())
+    CONFIG_DOC.write_text(text)
     print(f"wrote {CONFIG_DOC}")
     return 0
 

@@ -33,6 +33,7 @@ from fedpers.config import ExperimentConfig
 from fedpers.dp import privatize_reply
 from fedpers.payload import Failure, Reply
 from fedpers.rounds import client_round
+from fedpers.threads import ThreadPolicy, torch_threads
 from strategies import get_strategy_class
 
 log = logging.getLogger("fedpers")
@@ -44,12 +45,16 @@ class InProcessTransport:
         self.states: dict[int, dict[str, np.ndarray]] = {}
         self._warned = False
         self._pool: ProcessPoolExecutor | None = None
+        # With workers, this process only waits; the workers' threads are set when the pool starts.
+        self.threads = ThreadPolicy(cfg.run.threads) if cfg.run.workers == 1 else None
 
     def exchange(self, server_round: int, payloads: dict[int, dict[str, np.ndarray]], timeout: float):
         from fedpers import cross_eval
 
         if cross_eval.is_control(payloads):  # evaluation only: no batched training path applies
             return {pid: self._one(server_round, pid, arrays) for pid, arrays in payloads.items()}
+        if self.threads is not None:
+            self.threads.update()
         if self.cfg.run.batch_clients and payloads:
             return self._exchange_batched(server_round, payloads)
         if self.cfg.run.workers > 1 and payloads:
@@ -76,7 +81,7 @@ class InProcessTransport:
         """Run ``payloads`` on the pool into ``out``; the clients whose worker died (Failure in ``out``)."""
         if self._pool is None:
             n = self.cfg.run.workers
-            threads = max(1, torch.get_num_threads() // n)
+            threads = torch_threads(jobs=n, requested=self.cfg.run.threads)
             log.info("fast engine: %d worker processes x %d torch threads", n, threads)
             self._pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_init_worker, initargs=(threads,))

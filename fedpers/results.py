@@ -82,6 +82,11 @@ class Ledger:
         self.params_up = sum(int(np.prod(s)) for s in strategy.reply_spec().values())
         # Wall time keeps counting across a resume.
         self.t0 = time.perf_counter() - (self.rows[-1]["wall_time_s"] if self.rows else 0.0)
+        self.tb = None
+        if cfg.run.tensorboard:
+            from fedpers.tracking import TensorBoardLog
+
+            self.tb = TensorBoardLog(self.out, first_round=len(rows) + 1)
 
     def state_dict(self) -> dict:
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
@@ -132,6 +137,8 @@ class Ledger:
         self.rows.append(_lean(row))
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+        if self.tb is not None:
+            self.tb.round(row)
         return row
 
     def record_unseen(self, result: dict) -> None:
@@ -185,7 +192,11 @@ class Ledger:
         }
         write_json_atomic(self.out / "summary.json", summary)
         self._write_csv()
-        plot_results(self.rows, summary, self.out)
+        from fedpers.data.stats import describe_setting
+
+        plot_results(self.rows, summary, self.out, describe_setting(self.cfg.data, self.cfg.run.seed))
+        if self.tb is not None:
+            self.tb.finish(self.out, len(self.rows))
         return summary
 
     def _write_csv(self) -> None:
@@ -195,19 +206,36 @@ class Ledger:
         (self.out / "rounds.csv").write_text("\n".join(lines) + "\n")
 
 
-def plot_results(rows: list[dict], summary: dict, out: Path) -> None:
+def _test_sizes(out: Path) -> dict[str, int]:
+    """Each client's test-split size, from the partition report the run wrote (absent in deployments,
+    where each device holds its own data: then the plot shows accuracies without sizes)."""
+    try:
+        num_test = json.loads((out / "partitions" / "partitions.json").read_text())["num_test"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {str(i): int(n) for i, n in enumerate(num_test)}
+
+
+def plot_results(rows: list[dict], summary: dict, out: Path, setting: str | None = None) -> None:
+    """accuracy_per_round.png and accuracy_per_client.png; accuracy axes run from 0 to 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fedpers.plotting import TOL_MUTED, integer_ticks, wilson
+
+    setting = setting or f"{summary['partitioner']}, seed {summary.get('seed')}"
+    title = f"{summary['strategy']} on {summary['dataset']}, {setting}"
     rounds = [r["round"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(rounds, [r["accuracy_mean"] for r in rows], marker="o", label="mean")
-    ax.plot(rounds, [r["accuracy_worst10"] for r in rows], marker=".", linestyle="--", label="worst 10%")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(rounds, [r["accuracy_mean"] for r in rows], marker="o", color=TOL_MUTED[0], label="mean over clients")
+    ax.plot(rounds, [r["accuracy_worst10"] for r in rows], marker=".", linestyle="--", color=TOL_MUTED[6],
+            label="worst 10% of clients")
+    integer_ticks(ax.xaxis)
     ax.set_xlabel("round")
-    ax.set_ylabel("personalized test accuracy")
-    ax.set_title(f"{summary['strategy']} on {summary['dataset']} ({summary['partitioner']})")
+    ax.set_ylabel("personalized test accuracy (axis from 0)")
+    ax.set_title(title, fontsize=9)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -216,13 +244,24 @@ def plot_results(rows: list[dict], summary: dict, out: Path) -> None:
     plt.close(fig)
 
     per_client = summary["final"]["per_client"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar([int(k) for k in per_client], list(per_client.values()))
-    ax.axhline(summary["final"]["accuracy_mean"], color="k", linestyle="--", label="mean")
-    ax.set_xlabel("client (partition id)")
-    ax.set_ylabel("final personalized test accuracy")
-    ax.set_ylim(0, 1)
-    ax.legend()
+    sizes = _test_sizes(out)
+    ids = list(per_client)
+    acc = np.array([per_client[k] for k in ids])
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.45 * len(ids) + 2), 4.2))
+    x = np.arange(len(ids))
+    ax.bar(x, acc, color=TOL_MUTED[1], edgecolor=TOL_MUTED[0])
+    if sizes:  # a 1.0 on 5 test images is not a 1.0 on 200: show how sure each bar is
+        lo_hi = np.array([wilson(a * sizes.get(k, 0), sizes.get(k, 0)) for k, a in zip(ids, acc)])
+        ax.errorbar(x, acc, yerr=[acc - lo_hi[:, 0], lo_hi[:, 1] - acc], fmt="none", ecolor="black",
+                    capsize=2, linewidth=0.8, label="95% interval from the test-split size")
+    ax.axhline(summary["final"]["accuracy_mean"], color="k", linestyle="--", label="mean over clients")
+    names = [f"{k}\n(test {sizes[k]})" if k in sizes else k for k in ids]
+    ax.set_xticks(x, names, fontsize=7 if len(ids) <= 20 else 5, rotation=0 if len(ids) <= 20 else 90)
+    ax.set_xlabel("client (partition id) and its test-split size")
+    ax.set_ylabel("final personalized test accuracy (axis from 0)")
+    ax.set_title(title, fontsize=9)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "accuracy_per_client.png", dpi=120)
     plt.close(fig)

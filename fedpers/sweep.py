@@ -211,7 +211,7 @@ def _sci(x: float) -> str:
 
 def _pivot(ok: list[dict], parts: list[str], strats: list[str], key: str, name: str) -> list[str]:
     """One line per strategy, one column per partition setting: mean ± std over seeds of ``key``."""
-    lines = [f"## {name} by partition setting (%)", "", "| strategy | bytes/round | " + " | ".join(parts) + " |",
+    lines = [f"## {name} by partition setting (%)", "", "| strategy | bytes/round (down + up) | " + " | ".join(parts) + " |",
              "|---|---|" + "---|" * len(parts)]
     for s in strats:
         rs = [r for r in ok if r["strategy"] == s]
@@ -240,8 +240,8 @@ def write_table(rows: list[dict], path: Path, title: str) -> str:
                       ("unseen_accuracy_mean", "unseen-client accuracy")):
         lines += _pivot(ok, parts, strats, key, name)
     for p in parts:
-        lines += [f"## {p}", "", "| strategy | seeds | accuracy | worst-10% | unseen | gap | params/round | bytes/round "
-                  "| steps |",
+        lines += [f"## {p}", "", "| strategy | seeds | accuracy | worst-10% | unseen | gap | params/round (down + up) "
+                  "| bytes/round (down + up) | steps |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for s in strats:
             rs = [r for r in ok if r["partition"] == p and r["strategy"] == s]
@@ -264,10 +264,14 @@ def write_table(rows: list[dict], path: Path, title: str) -> str:
 
 
 def plot(rows: list[dict], out: Path) -> None:
+    """accuracy_by_strategy.png (bars: mean over seeds, error bars: std over seeds) and
+    accuracy_vs_bytes.png (one panel per partition setting); accuracy axes run from 0 to 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from fedpers.plotting import TOL_MUTED, categorical
 
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
@@ -275,7 +279,9 @@ def plot(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     parts = list(dict.fromkeys(r["partition"] for r in ok))
     strats = list(dict.fromkeys(r["strategy"] for r in ok))
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(strats) * len(parts)), 4))
+    seeds = sorted({int(r["seed"]) for r in ok})
+    colours = categorical(len(parts))
+    fig, ax = plt.subplots(figsize=(min(16, max(7, 0.3 * len(strats) * len(parts) + 2)), 4.5))
     width = 0.8 / len(parts)
     for j, p in enumerate(parts):
         means, stds = [], []
@@ -283,30 +289,42 @@ def plot(rows: list[dict], out: Path) -> None:
             v = [r["accuracy_mean"] for r in ok if r["partition"] == p and r["strategy"] == s]
             means.append(np.mean(v) if v else np.nan)
             stds.append(np.std(v) if v else 0)
-        ax.bar(np.arange(len(strats)) + j * width, means, width, yerr=stds, label=p, capsize=2)
+        ax.bar(np.arange(len(strats)) + j * width, means, width, yerr=stds, label=p, capsize=2, color=colours[j])
     ax.set_xticks(np.arange(len(strats)) + 0.4 - width / 2, strats, rotation=45, ha="right")
-    ax.set_ylabel("personalized accuracy")
+    ax.set_ylabel("personalized accuracy (axis from 0)")
+    ax.set_title(f"Mean personalized accuracy over seeds {', '.join(map(str, seeds))}; "
+                 "error bars: std over seeds", fontsize=9)
     ax.set_ylim(0, 1)
-    ax.legend()
+    ax.legend(title="partition setting", fontsize=7, title_fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "accuracy_by_strategy.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for p in parts:
+    # One panel per setting, one marker per strategy (colour and shape), the same in every panel and the
+    # legend: the points of several strategies with equal bytes would hide each other's labels.
+    markers = "osD^vPX*<>"
+    style = {s: (TOL_MUTED[i % len(TOL_MUTED)], markers[i // len(TOL_MUTED) % len(markers)] if len(strats) > 9
+                 else markers[i % len(markers)]) for i, s in enumerate(strats)}
+    fig, axes = plt.subplots(1, len(parts), figsize=(2.6 * len(parts) + 2, 3.8), sharey=True, squeeze=False)
+    for ax, p in zip(axes[0], parts):
         for s in strats:
             rs = [r for r in ok if r["partition"] == p and r["strategy"] == s]
             if rs:
                 x = max(1.0, float(np.mean([r["bytes_per_round"] for r in rs])))
-                ax.scatter(x, np.mean([r["accuracy_mean"] for r in rs]), label=f"{p}" if s == strats[0] else None)
-                ax.annotate(s, (x, np.mean([r["accuracy_mean"] for r in rs])), fontsize=6)
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes per client and round (down + up; local = 1)")
-    ax.set_ylabel("personalized accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+                ax.scatter(x, np.mean([r["accuracy_mean"] for r in rs]), color=style[s][0], marker=style[s][1],
+                           s=36, edgecolor="black", linewidth=0.4, label=s)
+        ax.set_xscale("log")
+        ax.set_title(p, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("bytes/client/round\n(down + up; local = 1)", fontsize=8)
+    axes[0][0].set_ylabel("personalized accuracy (axis from 0)")
+    handles = [plt.Line2D([], [], color=c, marker=m, linestyle="", markeredgecolor="black", markeredgewidth=0.4)
+               for c, m in style.values()]
+    fig.legend(handles, list(style), title="strategy", fontsize=7, title_fontsize=8, loc="center right")
+    fig.suptitle("Accuracy against communication, mean over seeds", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / (2.6 * len(parts) + 2), 1))
     fig.savefig(out / "accuracy_vs_bytes.png", dpi=120)
     plt.close(fig)
 

@@ -130,3 +130,18 @@ def test_config_reference_is_up_to_date():
     keys = {row[1] for row in field_rows()}
     assert {"run.seed", "data.partitioner.alpha", "model.num_prompts", "client.batch_size", "strategy.name"} <= keys
     assert all(row[4] for row in field_rows()), "every config field needs a # comment"
+
+
+def test_docs_command_help_and_check_write_nothing(tmp_path, monkeypatch, capsys):
+    from fedpers import docs
+
+    target = tmp_path / "config.md"
+    monkeypatch.setattr(docs, "CONFIG_DOC", target)
+    with pytest.raises(SystemExit) as e:
+        docs.main(["--help"])
+    assert e.value.code == 0 and "--check" in capsys.readouterr().out
+    assert not target.exists()
+    assert docs.main(["--check"]) == 1 and not target.exists()  # missing = out of date, and still not written
+    target.write_text("stale\n")
+    assert docs.main(["--check"]) == 1 and target.read_text() == "stale\n"
+    assert docs.main([]) == 0 and docs.main(["--check"]) == 0

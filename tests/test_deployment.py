@@ -19,7 +19,7 @@ import pytest
 from fedpers import simulate
 from fedpers.config import load_config
 from fedpers.export_partitions import export
-from tests.conftest import tiny_overrides
+from tests.conftest import copy_app, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -124,6 +124,7 @@ def test_tls_authenticated_deployment_matches_simulation(tmp_path):
         f'[superlink]\ndefault = "fedpers-test"\n\n[superlink.fedpers-test]\naddress = "127.0.0.1:{port}"\n'
         f'root-certificates = "{certs / "ca.crt"}"\n')
     pyproject_before = (REPO / "pyproject.toml").read_text()
+    app = copy_app(tmp_path / "app")  # flwr run migrates its local-simulation federation, in the copy
     procs = Processes(env, tmp_path)
     try:
         link = procs.start("superlink", [
@@ -149,7 +150,7 @@ def test_tls_authenticated_deployment_matches_simulation(tmp_path):
                               "--max-wait-time", "20"])
 
         t_run = time.perf_counter()
-        done = launch(env, "fedpers-test", "--app", str(REPO), "--timeout", "240", "--poll", "1", *overrides)
+        done = launch(env, "fedpers-test", "--app", str(app), "--timeout", "240", "--poll", "1", *overrides)
         run_s = time.perf_counter() - t_run
         assert done.returncode == 0, done.stderr[-3000:]
         status = json.loads(done.stdout)
@@ -165,17 +166,17 @@ def test_tls_authenticated_deployment_matches_simulation(tmp_path):
 
         # A run that fails on the server side is reported as such, with a non-zero exit.
         t_bad = time.perf_counter()
-        bad = launch(env, "fedpers-test", "--app", str(REPO), "--timeout", "120", "--poll", "1", "--no-check",
+        bad = launch(env, "fedpers-test", "--app", str(app), "--timeout", "120", "--poll", "1", "--no-check",
                      "run.rounds=0")
         assert bad.returncode == 1 and "finished:failed" in bad.stderr, (bad.returncode, bad.stderr[-2000:])
         bad_s = time.perf_counter() - t_bad
     finally:
         procs.stop_all()
-    assert (REPO / "pyproject.toml").read_text() == pyproject_before, "flwr run rewrote pyproject.toml"
+    assert (REPO / "pyproject.toml").read_text() == pyproject_before, "a test let flwr run rewrite pyproject.toml"
 
     # A dead SuperLink: bounded, non-zero, says so.
     t_dead = time.perf_counter()
-    dead = launch(env, "fedpers-test", "--app", str(REPO), "--timeout", "30", *overrides, timeout=120)
+    dead = launch(env, "fedpers-test", "--app", str(app), "--timeout", "30", *overrides, timeout=120)
     assert dead.returncode == 1 and "SuperLink" in dead.stderr and "unavailable" in dead.stderr
     dead_s = time.perf_counter() - t_dead
 

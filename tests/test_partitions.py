@@ -244,6 +244,29 @@ def test_partitions_cli_writes_histograms_summary_and_plots(tmp_path, capsys):
     assert het["js_mean"] == pytest.approx(heterogeneity(np.array(rep["label_counts"]))["js_mean"])
 
 
+def test_partitions_cli_never_writes_into_a_run_folder_and_leaves_no_stale_files(tmp_path, capsys, monkeypatch):
+    from fedpers import partitions
+
+    monkeypatch.chdir(tmp_path)
+    base = ["run.num_clients=4", "run.clients_per_round=4"]
+    # A finished run's folder (as simulate writes it) keeps its own partition record untouched.
+    run = tmp_path / "results" / "default"
+    (run / "partitions").mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    (run / "partitions" / "partitions.json").write_text("the run's record")
+    for target in (run, run / "partitions"):
+        assert partitions.main(["--out", str(target), *base]) == 2
+        assert "holds a simulation run" in capsys.readouterr().err
+    assert partitions.main(base) == 0  # the default folder is its own, not run.output_dir's
+    assert json.loads(capsys.readouterr().out)["output"] == partitions.DEFAULT_OUT
+    assert (run / "partitions" / "partitions.json").read_text() == "the run's record"
+    own = tmp_path / partitions.DEFAULT_OUT
+    assert (own / "label_heatmap.png").is_file()
+    # A second preview without plots: the first one's PNGs must not sit beside the new numbers.
+    assert partitions.main([*base, "--no-plots", "data.partitioner.alpha=5"]) == 0
+    assert (own / "partitions.json").is_file() and not list(own.glob("*.png"))
+
+
 def test_partitions_cli_reports_bad_config(capsys):
     from fedpers import partitions
 

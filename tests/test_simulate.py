@@ -28,6 +28,7 @@ def test_run_writes_results_folder(tmp_path, capsys):
     for name in ("config.yaml", "metrics.jsonl", "rounds.csv", "summary.json",
                  "accuracy_per_round.png", "accuracy_per_client.png"):
         assert (out / name).is_file(), name
+    assert not (out / "tensorboard").exists()  # only with run.tensorboard=true
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert summary["rounds"] == len(rows) == 3
@@ -40,6 +41,9 @@ def test_run_writes_results_folder(tmp_path, capsys):
     assert summary["final"]["accuracy_mean"] > majority_class_accuracy(out) + 0.05
     printed = json.loads(capsys.readouterr().out)
     assert printed["results"] == str(out)
+    # One wall_time_s: the console's is summary.json's; the whole command (data, backbone) is named apart.
+    assert printed["wall_time_s"] == round(summary["wall_time_s"], 1)
+    assert printed["command_time_s"] >= printed["wall_time_s"]
 
 
 def test_same_seed_same_results_other_seed_differs(tmp_path):

@@ -93,10 +93,18 @@ def label_partitioner(fed: FederatedData):
     return part
 
 
-def write_report(fed: FederatedData, out: str | Path, title: str | None = None, plots: bool = True) -> dict:
-    """Write partitions.json, heterogeneity.json, label_counts.csv and PNG plots into ``out``."""
+REPORT_FILES = ("partitions.json", "heterogeneity.json", "label_counts.csv", "label_distribution.png",
+                "label_heatmap.png", "domains.png")
+
+
+def write_report(fed: FederatedData, out: str | Path, setting: str | None = None, plots: bool = True) -> dict:
+    """Write partitions.json, heterogeneity.json, label_counts.csv and PNG plots into ``out``, after
+    removing every file an earlier report left there, so no stale plot sits beside new numbers.
+    ``setting`` names the partition for plot titles (e.g. "dirichlet(alpha=0.1), seed 0")."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
     rep = report(fed)
     (out / "partitions.json").write_text(json.dumps(rep, indent=1))
     summary = {k: v for k, v in rep["heterogeneity"].items() if not k.startswith("per_client")}
@@ -109,29 +117,84 @@ def write_report(fed: FederatedData, out: str | Path, title: str | None = None, 
         for i, row in enumerate(rep["label_counts"]):
             w.writerow([i, rep["num_train"][i], rep["num_test"][i], sum(row), *row])
     if plots:
-        plot_report(fed, out, title or f"{fed.dataset}: JS {summary['js_mean']:.3f}, EMD {summary['emd_mean']:.3f}")
+        plot_report(fed, out, report_title(fed, setting, summary), rep)
     return rep
 
 
-def plot_report(fed: FederatedData, out: Path, title: str) -> None:
+def client_labels(rep: dict) -> list[str]:
+    """Axis labels naming every client with its test-split size (what its accuracy is measured on)."""
+    return [f"client {i} (test {n})" for i, n in enumerate(rep["num_test"])]
+
+
+def plot_report(fed: FederatedData, out: Path, title: str, rep: dict | None = None) -> None:
+    """label_distribution.png (samples per label, stacked per client) and label_heatmap.png (each
+    client's label shares, with a labelled colour bar); domains.png under domain shift."""
     # No matplotlib.use("Agg") here: it would switch a notebook's inline backend off. Matplotlib already
     # falls back to Agg where there is no display.
     import matplotlib.pyplot as plt
-    from flwr_datasets.visualization import plot_label_distributions
 
-    part = label_partitioner(fed)
-    fig, _, _ = plot_label_distributions(part, "label", plot_type="bar", size_unit="absolute", legend=True,
-                                         legend_title="label", title=title)
+    from fedpers.plotting import categorical
+
+    rep = rep or report(fed)
+    counts = np.asarray(rep["label_counts"], dtype=float)
+    n, k = counts.shape
+    names = client_labels(rep)
+    colours = categorical(k)
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.32 * n))
+    left = np.zeros(n)
+    for c in range(k):
+        ax.barh(np.arange(n), counts[:, c], left=left, color=colours[c], label=str(c), edgecolor="white",
+                linewidth=0.3)
+        left += counts[:, c]
+    ax.set_yticks(np.arange(n), names, fontsize=8 if n <= 30 else 5)
+    ax.invert_yaxis()  # client 0 on top, as in the heat map and label_counts.csv
+    ax.set_xlabel("samples (train + test)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(title="label", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=7, title_fontsize=8)
     fig.savefig(out / "label_distribution.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    fig, _, _ = plot_label_distributions(part, "label", plot_type="heatmap", size_unit="percent",
-                                         title=title + " (% of client)")
+
+    share = 100 * counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * k, 1.2 + 0.32 * n))
+    im = ax.imshow(share, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(np.arange(k), [str(c) for c in range(k)])
+    ax.set_yticks(np.arange(n), names, fontsize=8 if n <= 30 else 5)
+    ax.set_xlabel("label")
+    ax.set_ylabel("client (test-split size)")
+    ax.set_title(title, fontsize=9)
+    if n * k <= 300:  # the numbers themselves, where they fit
+        for i in range(n):
+            for c in range(k):
+                ax.text(c, i, f"{share[i, c]:.0f}", ha="center", va="center", fontsize=6,
+                        color="white" if share[i, c] < 50 else "black")
+    fig.colorbar(im, ax=ax, label="% of the client's samples")
     fig.savefig(out / "label_heatmap.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     if any("domain" in i for i in fed.shift_info):
         fig = plot_domains(fed)
+        fig.suptitle(title.split("\n")[0] + "\ntrain images per client (c<i> = client, y = label)", fontsize=8)
+        fig.tight_layout()
         fig.savefig(out / "domains.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
+
+
+def describe_setting(data_cfg, seed: int) -> str:
+    """A partition setting in words for titles: "dirichlet(alpha=0.1), seed 0"."""
+    p = data_cfg.partitioner
+    param = {"dirichlet": f"alpha={p.alpha}", "inner_dirichlet": f"alpha={p.alpha}",
+             "pathological": f"{p.num_classes_per_partition} classes/client",
+             "shard": f"{p.num_shards_per_partition} shards/client"}.get(p.name)
+    text = p.name + (f"({param})" if param else "")
+    if data_cfg.shift.name != "none":
+        text += f", {data_cfg.shift.name} shift"
+    return f"{text}, seed {seed}"
+
+
+def report_title(fed: FederatedData, setting: str | None, het: dict) -> str:
+    """What a partition plot shows, with its two heterogeneity numbers spelled out."""
+    head = f"{fed.dataset}, {len(fed.clients)} clients" + (f", {setting}" if setting else "")
+    return (f"{head}\nto the pooled label distribution: mean Jensen-Shannon distance {het['js_mean']:.2f} "
+            f"(0-1), mean EMD {het['emd_mean']:.2f} (0-2)")
 
 
 def plot_domains(fed: FederatedData, per_client: int = 4, max_clients: int = 10):

@@ -1,9 +1,21 @@
-"""Launch the fedpers apps on Flower's simulation engine (the one place that calls run_simulation)."""
+"""Launch the fedpers apps on Flower's simulation engine (the one place that calls run_simulation).
+
+Why ``run_simulation``, which Flower 1.41 marks deprecated: its replacement, ``flwr run`` against a
+local SuperLink (pyproject.toml's local-simulation federation; tested), runs the ServerApp in another
+process, so ``python -m fedpers.simulate`` could neither hand it a validated config object nor get the
+summary back, nor fail with the run's exit code. 1.41 has no other public in-process launcher.
+
+Without ``-v`` the console shows fedpers' progress bar and round lines only: Flower's logger (which
+resets itself to DEBUG when imported), its deprecation notice, Ray's FutureWarning and the Ray actors'
+logs are kept back. ``-v`` shows all of them.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+import warnings
 
 from fedpers.config import ExperimentConfig
 
@@ -26,10 +38,16 @@ def backend_config(cfg: ExperimentConfig) -> dict:
     return out
 
 
-def run_flower_simulation(cfg: ExperimentConfig) -> dict:
+def run_flower_simulation(cfg: ExperimentConfig, verbose: bool = False) -> dict:
     for k, v in FLOWER_ENV_DEFAULTS.items():
         os.environ.setdefault(k, v)
     from flwr.simulation import run_simulation
+
+    backend = backend_config(cfg)
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
+        backend["init_args"] = {**backend.get("init_args", {}), "logging_level": "ERROR", "log_to_driver": False}
 
     from fedpers.flower.apps import FlowerRunError, client_app, make_server_app
     from fedpers.flower.node_state import SIM_ENV
@@ -44,7 +62,8 @@ def run_flower_simulation(cfg: ExperimentConfig) -> dict:
             server_app=make_server_app(cfg, result),
             client_app=client_app,
             num_supernodes=cfg.run.num_clients,
-            backend_config=backend_config(cfg),
+            backend_config=backend,
+            verbose_logging=verbose,
         )
     finally:
         if previous is None:

@@ -1,0 +1,66 @@
+"""``flwr run .`` from a fresh clone: pyproject.toml's local-simulation federation, with HOME in a temp dir."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import copy_app
+from tests.test_deployment import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _own_processes(marker: str) -> list[int]:
+    """Pids of the processes this test started: their command line holds its temp HOME or its port."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if marker in (p / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    pids.append(int(p.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_pyproject_declares_a_local_simulation_federation_for_every_default_client():
+    from fedpers.config import RunConfig
+
+    fed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["federations"]
+    local = fed[fed["default"]]
+    assert local["address"] == ":local:"  # Flower's managed local SuperLink, in simulation mode
+    # One virtual SuperNode per client: the ServerApp needs every partition-id of run.num_clients.
+    assert local["options"]["num-supernodes"] == RunConfig().num_clients
+
+
+@pytest.mark.slow  # Ray and a local SuperLink start, 10 clients: one to three minutes on 2 cores
+def test_flwr_run_dot_works_from_a_clone(tmp_path):
+    clone = copy_app(tmp_path / "clone")
+    home, out = tmp_path / "home", tmp_path / "results"
+    control, http = free_port(), free_port()
+    env = {**os.environ, "HOME": str(home), "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http), "PYTHONPATH": str(ROOT)}
+    env.pop("FLWR_HOME")  # Flower's default, ~/.flwr, under the temp HOME
+    flwr = Path(sys.executable).parent / "flwr"
+    overrides = f"run.rounds=1 client.local_epochs=1 run.progress=false run.output_dir={out}"
+    try:
+        proc = subprocess.run([str(flwr), "run", ".", "--stream", "--run-config", f'overrides="{overrides}"'],
+                              cwd=clone, env=env, capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        # The detached local SuperLink (its log file is under the temp HOME) and its simulation runtime.
+        for pid in set(_own_processes(str(home))) | set(_own_processes(f"127.0.0.1:{http}")):
+            os.kill(pid, signal.SIGTERM)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["num_clients"] == 10 and summary["failures"] == 0
+    # Flower moved the connection into the user's Flower config, as its default.
+    conns = tomllib.loads((home / ".flwr" / "config.toml").read_text())["superlink"]
+    assert conns["default"] == "local-simulation"
+    assert conns["local-simulation"]["options"]["num-supernodes"] == 10
+    assert "federations" not in tomllib.loads((clone / "pyproject.toml").read_text())["tool"]["flwr"]
