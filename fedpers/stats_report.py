@@ -143,6 +143,8 @@ def sections(rows: list[dict], reference: str = REFERENCE) -> list[str]:
         lines.append("")
     if not any(s == reference for _, s in cells):
         return lines + [f"No paired differences: the grid has no strategy labelled {reference!r}.", ""]
+    if all(s == reference for s in strats):
+        return lines
     lines += [f"## Paired difference to {reference} (percentage points)", "",
               f"strategy − {reference} on the same seeds, partitions and clients: estimate [95% CI]. "
               "**Bold** with * = the CI excludes 0.", "",

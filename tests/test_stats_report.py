@@ -114,3 +114,10 @@ def test_small_tails_are_flagged(tmp_path):
     big = next(line for line in text.splitlines() if line.startswith("| big |"))
     assert "†" in small and "†" not in big  # 10 clients: a 1-client tail; 50 clients: 5
     assert not math.isnan(sr.cell_stats({0: {"0": 0.1}})["mean"][0])
+
+
+def test_no_paired_section_without_a_reference_or_without_others(tmp_path):
+    only_ref = _fake_grid(tmp_path / "a", {("p", "pfedpg", 0): [0.5, 0.6]})
+    assert "Paired difference" not in "\n".join(sr.sections(only_ref))
+    no_ref = _fake_grid(tmp_path / "b", {("p", "fedvpt", 0): [0.5, 0.6]})
+    assert "no strategy labelled 'pfedpg'" in "\n".join(sr.sections(no_ref))
