@@ -123,3 +123,24 @@ def test_fonts_is_registered_as_synthetic_rendered():
     info = get_dataset_info("fonts")
     assert info.num_classes == len(fonts.DIGITS) and info.image_shape == (3, 32, 32)
     assert "SYNTHETIC-RENDERED" in info.description
+
+
+def test_fonts_backbone_loads_its_bundled_weights_through_timm():
+    """``pretrained=True`` resolves the registered cfg to the shipped file (no hub): the weights are the
+    file's, not a random init, and the file stays small enough to ship."""
+    import timm
+    import torch
+    from safetensors.torch import load_file
+
+    from fedpers.models.zoo import FONTS_WEIGHTS
+
+    assert FONTS_WEIGHTS.is_file() and FONTS_WEIGHTS.stat().st_size < 20e6
+    saved = load_file(str(FONTS_WEIGHTS))
+    model = timm.create_model("vit_fedpers_fonts", pretrained=True, num_classes=0)
+    state = model.state_dict()
+    assert set(saved) == set(state)
+    for k, v in saved.items():
+        torch.testing.assert_close(state[k], v, rtol=0, atol=0)
+    rand = timm.create_model("vit_fedpers_fonts", pretrained=False, num_classes=0).state_dict()
+    assert not torch.equal(rand["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32)
