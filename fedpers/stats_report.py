@@ -126,9 +126,9 @@ def sections(rows: list[dict], reference: str = REFERENCE) -> list[str]:
     stats = {k: cell_stats(v) for k, v in cells.items()}
     unseen = {k: cell_stats(v) for k, v in collect(rows, "unseen").items()}
     lines = ["## Mean and worst-10% with 95% bootstrap CIs (%)", "",
-             f"Each entry: estimate [95% CI], hierarchical bootstrap ({BOOTSTRAP} draws) over seeds, then clients "
-             "within a seed; clients are the trained ones (unseen: the held-out ones). worst-10% is the mean of "
-             f"the lowest ceil(10%) clients per seed; † marks tails of fewer than {MIN_WORST_CLIENTS} clients.", ""]
+             (f"Each entry: estimate [95% CI], hierarchical bootstrap ({BOOTSTRAP} draws) over seeds, then clients "
+              "within a seed; clients are the trained ones (unseen: the held-out ones). worst-10% is the mean of "
+              f"the lowest ceil(10%) clients per seed; † marks tails of fewer than {MIN_WORST_CLIENTS} clients."), ""]
     for p in parts:
         lines += [f"### {p}", "", "| strategy | seeds | clients | accuracy | worst-10% | unseen |",
                   "|---|---|---|---|---|---|"]
@@ -146,8 +146,8 @@ def sections(rows: list[dict], reference: str = REFERENCE) -> list[str]:
     if all(s == reference for s in strats):
         return lines
     lines += [f"## Paired difference to {reference} (percentage points)", "",
-              f"strategy − {reference} on the same seeds, partitions and clients: estimate [95% CI]. "
-              "**Bold** with * = the CI excludes 0.", "",
+              (f"strategy − {reference} on the same seeds, partitions and clients: estimate [95% CI]. "
+               "**Bold** with * = the CI excludes 0."), "",
               "| strategy | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
     for s in strats:
         if s == reference:
