@@ -144,3 +144,20 @@ def test_fonts_backbone_loads_its_bundled_weights_through_timm():
     rand = timm.create_model("vit_fedpers_fonts", pretrained=False, num_classes=0).state_dict()
     assert not torch.equal(rand["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
     assert model.pretrained_cfg["input_size"] == (3, 32, 32)
+
+
+@pytest.mark.slow  # renders the whole 25,200-image pool into the session's empty cache
+def test_registered_loader_gives_the_full_pool_with_face_and_writer_columns():
+    """The real loader (rendered once into this test session's cache): 25,200 digit images, 20 faces,
+    60 writers, and the Arrow fast path reads back exactly what numpy formatting reads."""
+    from fedpers.data import get_dataset_info
+    from fedpers.data.partition import _image_array
+
+    ds = get_dataset_info("fonts").loader()
+    assert len(ds) == len(fonts.FACES) * fonts.STYLES * 10 * fonts.FONT_DIGITS_PER_WRITER_CLASS
+    assert len(set(ds["face"])) == len(fonts.FACES) and len(set(ds["writer"])) == len(fonts.FACES) * fonts.STYLES
+    part = ds.shuffle(seed=0).select(range(50))
+    x = _image_array(part)
+    assert x.shape == (50, 3, 32, 32) and x.dtype == np.float32
+    np.testing.assert_array_equal(x, np.asarray(part.with_format("numpy")["image"], dtype=np.float32))
+    assert np.bincount(np.asarray(ds["label"])).tolist() == [len(ds) // 10] * 10
