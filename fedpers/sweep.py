@@ -254,6 +254,9 @@ def write_table(rows: list[dict], path: Path, title: str) -> str:
                          f"{_sci(float(np.mean([r['bytes_per_round'] for r in rs])))} | "
                          f"{_fmt([r.get('local_steps') for r in rs], pct=False)} |")
         lines.append("")
+    from fedpers.stats_report import sections  # CIs and paired differences over per-client results
+
+    lines += sections(rows)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["## Failed or missing cells", ""] + [
@@ -401,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{Path(args.grid).name}: {len(cells)} cells"
     print(write_table(rows, out_dir / "table.md", title))
     plot(rows, out_dir / "plots")
+    from fedpers.stats_report import plot as plot_ci
+
+    plot_ci(rows, out_dir / "plots")
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"grid wall time this invocation: {wall:.0f}s; results in {out_dir} (runs.csv, table.md, plots/)")
     return 1 if failed else 0

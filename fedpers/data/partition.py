@@ -113,13 +113,33 @@ def _build_cached(data_json: str, num_clients: int, seed: int) -> FederatedData:
     if "text" in ds.column_names:  # text stays as strings; the model tokenises (and caches) them
         inputs = np.asarray(ds["text"], dtype=object)
     else:
-        inputs = np.asarray(ds.with_format("numpy")["image"], dtype=np.float32)
+        inputs = _image_array(ds)
     clients, infos = [], []
     for pid, rows in enumerate(parts):
         client, shift_info = _split(inputs[rows], labels[rows], data, info.num_classes, pid, seed)
         clients.append(client)
         infos.append({**shift_info, **({"rebalanced_in": moved[pid]} if moved.get(pid) else {})})
     return FederatedData(data.dataset, info.num_classes, info.image_shape, clients, infos)
+
+
+def _image_array(ds) -> np.ndarray:
+    """The ``image`` column as one float32 array. Through Arrow when every image has one shape (a
+    flatten, not the per-row conversion of ``with_format("numpy")``, which takes minutes on 25k images)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = ds.with_format("arrow")["image"]
+    flat = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    shape = [len(flat)]
+    while len(flat) and (pa.types.is_fixed_size_list(flat.type) or pa.types.is_list(flat.type)):
+        lengths = pc.list_value_length(flat)
+        if flat.null_count or pc.min(lengths).as_py() != pc.max(lengths).as_py():
+            break  # ragged or missing: let numpy say what is wrong
+        shape.append(pc.min(lengths).as_py())
+        flat = flat.flatten()
+    if len(shape) == 4 and pa.types.is_floating(flat.type) and flat.null_count == 0:
+        return flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(shape)
+    return np.asarray(ds.with_format("numpy")["image"], dtype=np.float32)
 
 
 def _num_test(n: int, test_fraction: float) -> int:

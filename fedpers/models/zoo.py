@@ -1,8 +1,10 @@
-"""fedpers' own timm model: a tiny ViT for 8x8 images, registered with timm like any other ViT.
+"""fedpers' own timm models: tiny ViTs for 8x8 digits and 32x32 rendered fonts, registered with timm
+like any other ViT.
 
 ``timm.create_model("vit_fedpers_digits", pretrained=True)`` loads the weights file shipped in
 ``fedpers/models/weights/``; it was made by ``python -m fedpers.models.pretrain`` (self-supervised
 pretraining on unlabelled source images disjoint from every client's data; see that module).
+``vit_fedpers_fonts`` likewise, made by ``python -m fedpers.models.pretrain_fonts``.
 """
 
 from __future__ import annotations
@@ -42,10 +44,25 @@ def _bundled(name: str) -> Path:
 
 DIGITS_WEIGHTS = _bundled("vit_fedpers_digits.safetensors")
 
+FONTS_WEIGHTS = _bundled("vit_fedpers_fonts.safetensors")
+
 DIGITS_ARCH = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0)
+
+# 32x32 RGB with patch 8: the same 16 patch tokens and width as the digits ViT, so a client's sample
+# costs about the same (the fonts benchmark is sized by that cost).
+FONTS_ARCH = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0)
 
 default_cfgs = generate_default_cfgs(
     {
+        "vit_fedpers_fonts.letters_sup": {
+            "file": str(FONTS_WEIGHTS),
+            "num_classes": 0,
+            "input_size": (3, 32, 32),
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.5, 0.5, 0.5),
+            "crop_pct": 1.0,
+            "license": "apache-2.0",
+        },
         "vit_fedpers_digits.d8_rotation": {
             "file": str(DIGITS_WEIGHTS),
             "num_classes": 0,
@@ -66,6 +83,21 @@ def vit_fedpers_digits(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return build_model_with_cfg(
         VisionTransformer,
         "vit_fedpers_digits",
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        **args,
+    )
+
+
+@register_model
+def vit_fedpers_fonts(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """ViT for 32x32 RGB images: patch 8 (16 patches), dim 128, depth 6, 4 heads. Pretrained weights:
+    supervised on the SYNTHETIC-RENDERED letters (``python -m fedpers.models.pretrain_fonts``), disjoint
+    from the federated ``fonts`` digits."""
+    args = dict(FONTS_ARCH, **kwargs)
+    return build_model_with_cfg(
+        VisionTransformer,
+        "vit_fedpers_fonts",
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         **args,
