@@ -250,7 +250,7 @@ def plot_results(rows: list[dict], summary: dict, out: Path, setting: str | None
     fig, ax = plt.subplots(figsize=(max(6.5, 0.45 * len(ids) + 2), 4.2))
     x = np.arange(len(ids))
     ax.bar(x, acc, color=TOL_MUTED[1], edgecolor=TOL_MUTED[0])
-    if sizes:  # a 1.0 on 5 test images is not a 1.0 on 200: show how sure each bar is
+    if sizes and ids:  # a 1.0 on 5 test images is not a 1.0 on 200: show how sure each bar is
         lo_hi = np.array([wilson(a * sizes.get(k, 0), sizes.get(k, 0)) for k, a in zip(ids, acc)])
         ax.errorbar(x, acc, yerr=[acc - lo_hi[:, 0], lo_hi[:, 1] - acc], fmt="none", ecolor="black",
                     capsize=2, linewidth=0.8, label="95% interval from the test-split size")
