@@ -14,6 +14,10 @@ os.environ.update({
     "HOME": _home,
     "MPLBACKEND": "Agg",
 })
+# A fixed torch thread count (torch's own default: one per core) instead of the auto policy, which
+# follows the machine's load: with another count torch's CPU kernels may sum in another order, and
+# tests compare runs bit for bit.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
 import pytest  # noqa: E402
