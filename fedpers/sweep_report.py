@@ -1,0 +1,157 @@
+"""The sweep's report: ``runs.csv``, ``table.md`` (pivots, per-setting tables, confidence intervals and
+paired differences from :mod:`fedpers.stats_report`) and ``plots/*.png``, built from the cells' rows."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+
+COLUMNS = ["partition", "strategy", "seed", "status", "accuracy_mean", "accuracy_worst10", "unseen_accuracy_mean",
+           "cross_eval_gap", "params_per_round", "bytes_per_round", "local_steps", "rounds", "wall_time_s", "output_dir",
+           "error"]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in COLUMNS})
+
+
+def _fmt(vals: list, pct: bool = True) -> str:
+    v = [float(x) for x in vals if x not in (None, "") and not math.isnan(float(x))]
+    if not v:
+        return "–"
+    k = 100.0 if pct else 1.0
+    return f"{k * np.mean(v):.1f} ± {k * np.std(v):.1f}"
+
+
+def _sci(x: float) -> str:
+    return f"{x:.3g}" if x < 1e4 else f"{x:.2e}"
+
+
+def _pivot(ok: list[dict], parts: list[str], strats: list[str], key: str, name: str) -> list[str]:
+    """One line per strategy, one column per partition setting: mean ± std over seeds of ``key``."""
+    lines = [f"## {name} by partition setting (%)", "", "| strategy | bytes/round (down + up) | " + " | ".join(parts) + " |",
+             "|---|---|" + "---|" * len(parts)]
+    for s in strats:
+        rs = [r for r in ok if r["strategy"] == s]
+        if not rs:
+            continue
+        cells = [_fmt([r[key] for r in rs if r["partition"] == p]) for p in parts]
+        lines.append(f"| {s} | {_sci(float(np.mean([r['bytes_per_round'] for r in rs])))} | " + " | ".join(cells) + " |")
+    seeds = {(r["partition"], r["strategy"]): 0 for r in ok}
+    for r in ok:
+        seeds[(r["partition"], r["strategy"])] += 1
+    counts = sorted(set(seeds.values()))
+    return lines + ["", f"Seeds per cell: {', '.join(map(str, counts))}.", ""]
+
+
+def write_table(rows: list[dict], path: Path, title: str) -> str:
+    ok = [r for r in rows if r["status"] == "ok"]
+    parts = list(dict.fromkeys(r["partition"] for r in rows))
+    strats = list(dict.fromkeys(r["strategy"] for r in rows))
+    legend = ("Personalized test accuracy (%) on each client's own test split, mean ± std over seeds "
+              "(std of the per-seed means). worst-10%: mean of the lowest 10% of clients. unseen: held-out "
+              "clients after personalizing from the trained server state. gap (run.cross_eval): a personal model's "
+              "accuracy on its own client minus on the others' (points). params/bytes: per client and round, "
+              "down + up. steps: local optimizer steps per client and round (the local budget).")
+    lines = [f"# {title}", "", legend, ""]
+    for key, name in (("accuracy_mean", "accuracy"), ("accuracy_worst10", "worst-10%"),
+                      ("unseen_accuracy_mean", "unseen-client accuracy")):
+        lines += _pivot(ok, parts, strats, key, name)
+    for p in parts:
+        lines += [f"## {p}", "", "| strategy | seeds | accuracy | worst-10% | unseen | gap | params/round (down + up) "
+                  "| bytes/round (down + up) | steps |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for s in strats:
+            rs = [r for r in ok if r["partition"] == p and r["strategy"] == s]
+            if not rs:
+                continue
+            lines.append(f"| {s} | {len(rs)} | {_fmt([r['accuracy_mean'] for r in rs])} | "
+                         f"{_fmt([r['accuracy_worst10'] for r in rs])} | "
+                         f"{_fmt([r['unseen_accuracy_mean'] for r in rs])} | "
+                         f"{_fmt([r.get('cross_eval_gap') for r in rs])} | {_sci(rs[0]['params_per_round'])} | "
+                         f"{_sci(float(np.mean([r['bytes_per_round'] for r in rs])))} | "
+                         f"{_fmt([r.get('local_steps') for r in rs], pct=False)} |")
+        lines.append("")
+    from fedpers.stats_report import sections  # CIs and paired differences over per-client results
+
+    lines += sections(rows)
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        lines += ["## Failed or missing cells", ""] + [
+            f"- {r['partition']}/{r['strategy']}/seed{r['seed']}: {r['status']} {r['error']}" for r in failed] + [""]
+    text = "\n".join(lines)
+    path.write_text(text)
+    return text
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    """accuracy_by_strategy.png (bars: mean over seeds, error bars: std over seeds) and
+    accuracy_vs_bytes.png (one panel per partition setting); accuracy axes run from 0 to 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedpers.plotting import TOL_MUTED, categorical
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    parts = list(dict.fromkeys(r["partition"] for r in ok))
+    strats = list(dict.fromkeys(r["strategy"] for r in ok))
+    seeds = sorted({int(r["seed"]) for r in ok})
+    colours = categorical(len(parts))
+    fig, ax = plt.subplots(figsize=(min(16, max(7, 0.3 * len(strats) * len(parts) + 2)), 4.5))
+    width = 0.8 / len(parts)
+    for j, p in enumerate(parts):
+        means, stds = [], []
+        for s in strats:
+            v = [r["accuracy_mean"] for r in ok if r["partition"] == p and r["strategy"] == s]
+            means.append(np.mean(v) if v else np.nan)
+            stds.append(np.std(v) if v else 0)
+        ax.bar(np.arange(len(strats)) + j * width, means, width, yerr=stds, label=p, capsize=2, color=colours[j])
+    ax.set_xticks(np.arange(len(strats)) + 0.4 - width / 2, strats, rotation=45, ha="right")
+    ax.set_ylabel("personalized accuracy (axis from 0)")
+    ax.set_title(f"Mean personalized accuracy over seeds {', '.join(map(str, seeds))}; "
+                 "error bars: std over seeds", fontsize=9)
+    ax.set_ylim(0, 1)
+    ax.legend(title="partition setting", fontsize=7, title_fontsize=8, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_by_strategy.png", dpi=120)
+    plt.close(fig)
+
+    # One panel per setting, one marker per strategy (colour and shape), the same in every panel and the
+    # legend: the points of several strategies with equal bytes would hide each other's labels.
+    markers = "osD^vPX*<>"
+    style = {s: (TOL_MUTED[i % len(TOL_MUTED)], markers[i // len(TOL_MUTED) % len(markers)] if len(strats) > 9
+                 else markers[i % len(markers)]) for i, s in enumerate(strats)}
+    fig, axes = plt.subplots(1, len(parts), figsize=(2.6 * len(parts) + 2, 3.8), sharey=True, squeeze=False)
+    for ax, p in zip(axes[0], parts):
+        for s in strats:
+            rs = [r for r in ok if r["partition"] == p and r["strategy"] == s]
+            if rs:
+                x = max(1.0, float(np.mean([r["bytes_per_round"] for r in rs])))
+                ax.scatter(x, np.mean([r["accuracy_mean"] for r in rs]), color=style[s][0], marker=style[s][1],
+                           s=36, edgecolor="black", linewidth=0.4, label=s)
+        ax.set_xscale("log")
+        ax.set_title(p, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("bytes/client/round\n(down + up; local = 1)", fontsize=8)
+    axes[0][0].set_ylabel("personalized accuracy (axis from 0)")
+    handles = [plt.Line2D([], [], color=c, marker=m, linestyle="", markeredgecolor="black", markeredgewidth=0.4)
+               for c, m in style.values()]
+    fig.legend(handles, list(style), title="strategy", fontsize=7, title_fontsize=8, loc="center right")
+    fig.suptitle("Accuracy against communication, mean over seeds", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1 - 1.6 / (2.6 * len(parts) + 2), 1))
+    fig.savefig(out / "accuracy_vs_bytes.png", dpi=120)
+    plt.close(fig)
