@@ -42,13 +42,37 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _node_ports(flags: list[str]) -> list[str]:
-    # Every port a node listens on is chosen here: the defaults are fixed numbers that another Ray on this
-    # machine (someone else's cluster, a Flower simulation) may hold.
-    ports = _free_ports(len(flags) + 2)
-    out = [x for flag, p in zip(flags, ports, strict=False) for x in (flag, str(p))]
-    lo = max(ports[-2:]) + 1
-    return out + ["--min-worker-port", str(lo), "--max-worker-port", str(lo + 40)]
+WORKER_PORTS = 40  # size of each node's worker-port range
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _port_plan(head_flags: list[str], node_flags: list[str]) -> tuple[list[str], list[str]]:
+    """Every port both nodes listen on, chosen here and all distinct: Ray's defaults are fixed numbers that
+    another Ray on this machine (someone else's cluster, a Flower simulation) may hold, and a worker-port
+    range must not contain any other port of either node (Ray refuses to start then)."""
+    named = _free_ports(len(head_flags) + len(node_flags))
+    taken, ranges = set(named), []
+    while len(ranges) < 2:
+        lo = _free_ports(1)[0]
+        span = range(lo, lo + WORKER_PORTS + 1)
+        if span.stop < 65536 and not taken.intersection(span) and all(_bindable(p) for p in span):
+            taken.update(span)
+            ranges.append(lo)
+
+    def flags(names: list[str], ports: list[int], lo: int) -> list[str]:
+        out = [x for flag, p in zip(names, ports, strict=True) for x in (flag, str(p))]
+        return out + ["--min-worker-port", str(lo), "--max-worker-port", str(lo + WORKER_PORTS)]
+
+    return (flags(head_flags, named[: len(head_flags)], ranges[0]),
+            flags(node_flags, named[len(head_flags):], ranges[1]))
 
 
 def _env(home: str) -> dict:
@@ -93,13 +117,14 @@ def cluster():
     env = _env(tmp)
     procs = []
     try:
-        port = _free_ports(1)[0]
         common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats", "--block"]
         agent = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
                  "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
-        head = ["ray", "start", "--head", "--port", str(port), "--include-dashboard=false", "--temp-dir",
-                f"{tmp}/ray", *common, *_node_ports(["--ray-client-server-port", *agent])]
-        worker = ["ray", "start", "--address", f"127.0.0.1:{port}", *common, *_node_ports(agent)]
+        head_ports, node_ports = _port_plan(["--port", "--ray-client-server-port", *agent], agent)
+        port = int(head_ports[1])  # the head's GCS port, which the second node joins
+        head = ["ray", "start", "--head", "--include-dashboard=false", "--temp-dir", f"{tmp}/ray", *common,
+                *head_ports]
+        worker = ["ray", "start", "--address", f"127.0.0.1:{port}", *common, *node_ports]
         for name, cmd in (("head", head), ("node2", worker)):
             log = Path(tmp) / f"{name}.log"
             procs.append(subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
