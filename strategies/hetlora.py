@@ -31,6 +31,7 @@ from strategies._checks import require, require_choice
 from strategies.base import HEAD, ClientUpdate, register_strategy, weights_of
 from strategies.lora_baselines import _LoraAvg
 from strategies.lora_common import LoraAvgConfig, lora_a, lora_b
+from strategies.lora_fold import pad, truncate
 
 
 @dataclass
@@ -56,21 +57,8 @@ class HetLoraConfig(LoraAvgConfig):
         require(max(self.ranks) <= r, "ranks", f"every rank must be <= model.lora.r={r}, got {list(self.ranks)}")
 
 
-def truncate(name: str, a: np.ndarray | torch.Tensor, r: int):
-    return a[:r] if name.endswith("lora_A.weight") else a[:, :r]
-
-
 def rank_of_factor(name: str, a) -> int:
     return a.shape[0] if name.endswith("lora_A.weight") else a.shape[1]
-
-
-def pad(name: str, a: np.ndarray, full: tuple[int, ...]) -> np.ndarray:
-    out = np.zeros(full, dtype=np.float32)
-    if name.endswith("lora_A.weight"):
-        out[: a.shape[0]] = a
-    else:
-        out[:, : a.shape[1]] = a
-    return out
 
 
 def kept_rank(rank: int, gamma: float) -> int:
