@@ -132,7 +132,14 @@ def vit_b16_round(device: str, quick: bool, backbone: str) -> dict:
     out["rel_diff_vs_cpu_max"] = max(rel.values())
     # With gradients reaching them the prompts' deltas are not a multiple of the prompts (weight decay alone).
     d, p0 = replies[0].arrays["delta/prompts"].ravel(), payloads[0]["prompts"].ravel()
-    out["prompt_delta_cosine_to_prompts"] = float(d @ p0 / (np.linalg.norm(d) * np.linalg.norm(p0) + 1e-12))
+    cos = float(d @ p0 / (np.linalg.norm(d) * np.linalg.norm(p0) + 1e-12))
+    out["prompt_delta_cosine_to_prompts"] = cos
+    # Share of the delta's norm orthogonal to the prompts: ~1e-7 (float rounding) under weight decay alone,
+    # clearly above that once gradients reach the prompts. Unlike the cosine itself, this does not depend
+    # on how far a few steps from a random head happen to move them.
+    d64, p64 = d.astype(np.float64), p0.astype(np.float64)
+    resid = d64 - (d64 @ p64) / max(p64 @ p64, 1e-300) * p64
+    out["prompt_delta_orthogonal_fraction"] = float(np.linalg.norm(resid) / max(np.linalg.norm(d64), 1e-300))
     out["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
     return out
 

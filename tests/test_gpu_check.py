@@ -20,7 +20,10 @@ def test_gpu_check_round_part_on_cpu_writes_its_figures(tmp_path):
     # The "device" here is the CPU itself, so the batched round and the CPU reference are the same
     # computation: any difference would mean the comparison pairs the wrong clients or tensors.
     assert r["rel_diff_vs_cpu_max"] == 0.0 and len(r["rel_diff_vs_cpu"]) == 2 * 3  # delta/prompts + head
-    assert abs(r["prompt_delta_cosine_to_prompts"]) < 0.99  # trained, not only decayed
+    # Trained, not only decayed: weight decay alone gives a delta parallel to the prompts (fraction ~1e-7).
+    # A few steps from a zero head move the prompts only a little, so the bound sits far above rounding
+    # error but far below what training gives (0.12-0.2 seen on two machines).
+    assert r["prompt_delta_orthogonal_fraction"] > 1e-3
 
 
 def test_gpu_check_rejects_an_unknown_part(tmp_path):
