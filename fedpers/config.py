@@ -9,6 +9,7 @@ dataclass, so each algorithm owns its hyper-parameters (``strategy.server_lr``, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,8 +153,16 @@ class ExperimentConfig:
     strategy: Any = field(default_factory=lambda: {"name": "pfedpg"})
 
 
+@functools.cache
+def _structured(cls: type) -> DictConfig:
+    """The schema of a config dataclass, built once per class: ``OmegaConf.structured`` costs tens of ms,
+    which a sweep grid of hundreds of cells pays per cell, and ``OmegaConf.merge`` (its only use here)
+    copies its inputs instead of changing them, so one read-only schema serves every config."""
+    return OmegaConf.structured(cls)
+
+
 def _schema() -> DictConfig:
-    return OmegaConf.structured(ExperimentConfig)
+    return _structured(ExperimentConfig)
 
 
 def _strategy_config(raw: Any) -> Any:
@@ -167,7 +176,7 @@ def _strategy_config(raw: Any) -> Any:
         cls = get_strategy_class(name)
     except KeyError:
         raise ConfigError("strategy.name", f"unknown strategy {name!r}; allowed: {', '.join(list_strategies())}") from None
-    schema = OmegaConf.structured(cls.config_cls)
+    schema = _structured(cls.config_cls)
     try:
         merged = OmegaConf.merge(schema, raw)
         obj = OmegaConf.to_object(merged)

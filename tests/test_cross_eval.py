@@ -26,8 +26,15 @@ def read_matrix(out):
         return {(int(r["model_client"]), int(r["data_client"])): float(r["accuracy"]) for r in csv.DictReader(f)}
 
 
-def test_diagonal_is_each_clients_own_accuracy_and_gap_is_own_minus_others(tmp_path):
-    cfg, summary, m = run_fast(tmp_path, "local")
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """The purely local run, read (never changed) by two tests: a second identical run would add nothing."""
+    tmp_path = tmp_path_factory.mktemp("cross-eval")
+    return tmp_path, run_fast(tmp_path, "local")
+
+
+def test_diagonal_is_each_clients_own_accuracy_and_gap_is_own_minus_others(local_run):
+    tmp_path, (cfg, summary, m) = local_run
     n = cfg.run.num_clients
     assert set(m) == {(i, j) for i in range(n) for j in range(n)}
     for pid, acc in summary["final"]["per_client"].items():  # the model scored is the one each client reported
@@ -44,7 +51,7 @@ def test_diagonal_is_each_clients_own_accuracy_and_gap_is_own_minus_others(tmp_p
 
 
 @pytest.mark.slow
-def test_a_shared_model_scores_the_same_whoever_owns_it(tmp_path):
+def test_a_shared_model_scores_the_same_whoever_owns_it(tmp_path, local_run):
     """fedavg clients all evaluate the global model they received, so every row of the matrix is the
     same: a cross-evaluation that scored the data owner's model instead would still pass the diagonal
     test above, not this one. (And its gap is zero only up to each client's own split.)"""
@@ -52,7 +59,7 @@ def test_a_shared_model_scores_the_same_whoever_owns_it(tmp_path):
     n = cfg.run.num_clients
     for d in range(n):
         assert len({m[(i, d)] for i in range(n)}) == 1, d
-    _, _, local = run_fast(tmp_path, "local")
+    _, (_, _, local) = local_run
     assert any(len({local[(i, d)] for i in range(n)}) > 1 for d in range(n))
 
 

@@ -38,11 +38,12 @@ def _final(out):
 @pytest.mark.slow
 def test_flower_resume_is_bit_identical(tmp_path):
     # fedper: a personal head per client, so a head lost on resume would show in every client's accuracy.
-    kw = {"run.engine": "flower", "run.rounds": 3, "run.num_cpus_per_client": 2, "strategy.name": "fedper"}
+    # Two rounds are enough: the resumed round 2 trains from the heads that round 1 left on the nodes' disk.
+    kw = {"run.engine": "flower", "run.rounds": 2, "run.num_cpus_per_client": 2, "strategy.name": "fedper"}
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert simulate.main(tiny_overrides(full, **kw)) == 0
     assert simulate.main(tiny_overrides(cut, **{**kw, "run.rounds": 1})) == 0
     assert simulate.main(tiny_overrides(cut, **{**kw, "run.resume": "true"})) == 0
     assert _final(cut) == _final(full)
     (state_id,) = [p.name for p in (cut / "client_state").iterdir()]  # one run id: the resume reused it
-    assert NodeStateStore(cut / "client_state", state_id).rounds(0)[-1] == 3
+    assert NodeStateStore(cut / "client_state", state_id).rounds(0)[-1] == 2

@@ -14,7 +14,9 @@ SMOKE = ROOT / "experiments/configs/benchmark_smoke.yaml"
 
 def test_smoke_grid_writes_results_and_resumes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "grid"
-    assert sweep.main([str(SMOKE), "--output-dir", str(out), "--no-progress"]) == 0
+    # --jobs 1: the cells run in this process. Worker processes (each importing torch and timm anew) are
+    # test_sweep_jobs.py's subject; this test is about files, table and resume, which do not depend on them.
+    assert sweep.main([str(SMOKE), "--output-dir", str(out), "--no-progress", "--jobs", "1"]) == 0
     rows = list(csv.DictReader((out / "runs.csv").open()))
     assert [(r["strategy"], r["status"]) for r in rows] == [("fedvpt", "ok"), ("pfedpg_fast", "ok")]
     for r in rows:

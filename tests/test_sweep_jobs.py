@@ -38,24 +38,29 @@ def test_jobs_equal_sequential_and_a_failing_cell_does_not_stop_the_others(tmp_p
     garbage.write_bytes(b"not a weights file")
     g = grid(tmp_path, f"[pfedpg, {{broken: {{strategy.name: fedvpt, model.checkpoint: {garbage}}}}}]", "[0, 1]")
     assert sweep.main([str(g), "--output-dir", str(tmp_path / "seq"), "--jobs", "1", "--no-progress"]) == 1
-    assert sweep.main([str(g), "--output-dir", str(tmp_path / "par"), "--jobs", "2", "--no-progress"]) == 1
+    # The worker run is also a resume, so one pool of workers (each importing torch and timm anew) serves
+    # both: seed 0 runs first in this process (one cell finishes, one fails), then the whole grid with
+    # --jobs 2 must skip the finished cell and run the failed one again beside the two never run.
+    par_out = tmp_path / "par"
+    assert sweep.main([str(g), "--output-dir", str(par_out), "--jobs", "1", "--no-progress", "--seeds", "0"]) == 1
+    marker = par_out / "dir1.0/pfedpg/seed0/summary.json"
+    failed = par_out / "dir1.0/broken/seed0/partitions/partitions.json"
+    before, failed_before = marker.stat().st_mtime_ns, failed.stat().st_mtime_ns
+    assert sweep.main([str(g), "--output-dir", str(par_out), "--jobs", "2", "--no-progress"]) == 1
+    assert marker.stat().st_mtime_ns == before  # finished: skipped
+    assert failed.stat().st_mtime_ns != failed_before  # failed: run again
     seq, par = rows_of(tmp_path / "seq"), rows_of(tmp_path / "par")
     # Grid order, whatever order the workers finished in; the broken cells failed with their reason.
     assert [(r["strategy"], r["seed"]) for r in par] == [(s, k) for s in ("pfedpg", "broken") for k in "01"]
     assert [r["status"] for r in par] == ["ok"] * 2 + ["failed"] * 2
     assert all(r["error"].startswith("SafetensorError") for r in par[2:])  # the weights file is no safetensors
-    assert par == seq
+    assert par == seq  # pfedpg seed 1 and both broken cells ran in the workers
     finals = {}
     for cell in ("pfedpg/seed0", "pfedpg/seed1"):
         a, b = (json.loads((tmp_path / d / "dir1.0" / cell / "summary.json").read_text()) for d in ("seq", "par"))
         assert a["final"] == b["final"], cell  # every client's accuracy, not just the means in runs.csv
         finals[cell] = a["final"]["per_client"]
     assert finals["pfedpg/seed0"] != finals["pfedpg/seed1"]  # the seeds did differ: cells were not mixed up
-    # Resume with workers: the finished cells are skipped, only the failed ones run again.
-    marker = tmp_path / "par/dir1.0/pfedpg/seed0/summary.json"
-    before = marker.stat().st_mtime_ns
-    assert sweep.main([str(g), "--output-dir", str(tmp_path / "par"), "--jobs", "2", "--no-progress"]) == 1
-    assert marker.stat().st_mtime_ns == before and rows_of(tmp_path / "par") == par
 
 
 @pytest.mark.slow
