@@ -108,6 +108,20 @@ def linear_probe(model) -> float:
     return float(clf.score(feats[n:], y[n:]))
 
 
+def save_and_report(model, out: Path, probe, backbone: str, what: str, t0: float | None = None) -> None:
+    """Save the trained backbone as safetensors, then print ``probe`` (a linear probe of frozen features)
+    on it and on a randomly initialised ``backbone`` of the same shape: the recipes' shared last steps."""
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
+    took = f" after {time.time() - t0:.0f}s" if t0 is not None else ""
+    print(f"saved {out} ({out.stat().st_size / 1e6:.1f} MB){took}")
+    print(f"linear probe of frozen features on {what}: {probe(model):.3f}")
+    rand = __import__("timm").create_model(backbone, pretrained=False, num_classes=0).eval()
+    print(f"same probe on a randomly initialised backbone: {probe(rand):.3f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=150)
@@ -116,14 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = pretrain(epochs=args.epochs, seed=args.seed)
-    from safetensors.torch import save_file
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out))
-    print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
-    print(f"diagnostic linear-probe accuracy of frozen features on the federated pool: {linear_probe(model):.3f}")
-    rand = __import__("timm").create_model("vit_fedpers_digits", pretrained=False, num_classes=0).eval()
-    print(f"same probe on a randomly initialised backbone: {linear_probe(rand):.3f}")
+    save_and_report(model, args.out, linear_probe, "vit_fedpers_digits", "the federated pool (diagnostic)")
 
 
 if __name__ == "__main__":

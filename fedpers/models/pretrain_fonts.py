@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fedpers.data.fonts import LETTERS, font_digits, font_letters_source, to_float
+from fedpers.models.pretrain import save_and_report
 from fedpers.models.zoo import FONTS_WEIGHTS
 
 MEAN, STD = 0.5, 0.5
@@ -112,14 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # one thread: the reduction order, hence every bit of the weights, is fixed
     t0 = time.time()
     model = pretrain(epochs=args.epochs, seed=args.seed)
-    from safetensors.torch import save_file
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out))
-    print(f"saved {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) after {time.time() - t0:.0f}s")
-    print(f"linear probe of frozen features on the federated digits: {linear_probe(model):.3f}")
-    rand = __import__("timm").create_model("vit_fedpers_fonts", pretrained=False, num_classes=0).eval()
-    print(f"same probe on a randomly initialised backbone: {linear_probe(rand):.3f}")
+    save_and_report(model, args.out, linear_probe, "vit_fedpers_fonts", "the federated digits", t0)
 
 
 if __name__ == "__main__":
