@@ -19,13 +19,15 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from fedpers.data.config import (  # noqa: F401  (re-exported: the data layer owns the data.* schema)
+    PARTITIONERS,
+    SHIFTS,
+    DataConfig,
+    PartitionerConfig,
+    ShiftConfig,
+)
 from fedpers.errors import ConfigError  # re-exported: callers import fedpers.config.ConfigError
 
-# Every flwr-datasets label/quantity partitioner that applies to a labelled dataset (registry:
-# fedpers.data.schemes); the vertical and continuous ones do not split a labelled image set.
-PARTITIONERS = ("iid", "dirichlet", "pathological", "shard", "inner_dirichlet", "size", "linear", "square",
-                "exponential", "natural_id")
-SHIFTS = ("none", "domain", "concept")
 MODALITIES = ("vision", "text")
 ADAPTERS = ("prompt", "prefix", "lora")
 ENGINES = ("flower", "fast", "inprocess")
@@ -65,43 +67,6 @@ class RunConfig:
     max_num_examples: int = 100_000  # a reply claiming more examples counts as this many in weighted aggregation
     max_memory_gb: float = 32.0  # refuse to start when a lower bound of client + server tensor and activation memory exceeds this
     cross_eval: bool = False  # after the last round, score every trained client's personal model on every client's test split (cross_eval.csv, cross_eval.png, final.cross_eval in summary.json); models move between clients, so a simulation diagnostic
-
-
-@dataclass
-class PartitionerConfig:
-    name: str = "dirichlet"  # iid | dirichlet | pathological | shard | inner_dirichlet | size | linear | square | exponential | natural_id
-    alpha: float = 0.1  # dirichlet, inner_dirichlet: concentration (smaller = more label skew)
-    min_partition_size: int = 10  # dirichlet: resample until every client has this many samples
-    self_balancing: bool = False  # dirichlet: stop adding to clients above the average size
-    num_classes_per_partition: int = 2  # pathological: classes per client
-    class_assignment_mode: str = "first-deterministic"  # pathological: first-deterministic | random | deterministic
-    num_shards_per_partition: Optional[int] = 2  # shard: shards (label-sorted slices) per client; None = from shard_size
-    shard_size: Optional[int] = None  # shard: samples per shard; None = as large as the shard count allows
-    keep_incomplete_shard: bool = False  # shard: also hand out the last, smaller shard
-    partition_sizes: Optional[list[int]] = None  # size, inner_dirichlet: samples per client (run.num_clients values); None = equal split
-    id_column: str = "client_id"  # natural_id: dataset column naming each sample's client or domain (one client per value)
-
-
-@dataclass
-class ShiftConfig:
-    name: str = "none"  # none | domain (per-client image transforms) | concept (per-client label maps)
-    num_groups: int = 0  # clients sharing one domain/concept: client i is in group i % num_groups; 0 = one per client
-    transforms: list[str] = field(default_factory=lambda: ["rotate", "contrast", "blur", "noise", "invert"])  # domain: composed per group, from rotate|contrast|color|blur|noise|invert
-    strength: float = 1.0  # domain: scales every transform's magnitude (0 = no change)
-    concept_mode: str = "permute"  # concept: permute (random relabelling; invisible to private zero-init heads) | group (classes merged into num_label_groups labels)
-    num_label_groups: int = 2  # concept_mode=group: how many labels each group's classes collapse into
-
-
-@dataclass
-class DataConfig:
-    dataset: str = "digits"  # registered dataset name (see fedpers.data.list_datasets())
-    path: Optional[str] = None  # local copy of a hub dataset (a Dataset.save_to_disk folder); None = download
-    partitioner: PartitionerConfig = field(default_factory=PartitionerConfig)
-    shift: ShiftConfig = field(default_factory=ShiftConfig)
-    test_fraction: float = 0.2  # share of each client's partition held out as its personal test split
-    min_test_size: int = 1  # a client whose test split is smaller than this is too small
-    min_client_size: int = 2  # a client with fewer samples (train + test) is too small
-    small_client_policy: str = "error"  # too-small clients: error (fail with a message) | rebalance (move samples from the largest clients)
 
 
 @dataclass

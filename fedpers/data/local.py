@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedpers.config import DataConfig
+from fedpers.data.config import DataConfig
 from fedpers.data.datasets import get_dataset_info
 from fedpers.data.partition import ClientData, DataError, _num_test
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from fedpers.config import DataConfig, PartitionerConfig
+from fedpers.data.config import DataConfig, PartitionerConfig
 from fedpers.data.datasets import get_dataset_info
 
 log = logging.getLogger("fedpers")

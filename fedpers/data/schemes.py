@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from fedpers.config import PARTITIONERS, SHIFTS, ConfigError, ExperimentConfig, PartitionerConfig
+from fedpers.data.config import PARTITIONERS, SHIFTS, PartitionerConfig
+from fedpers.errors import ConfigError
+
+if TYPE_CHECKING:  # the run config composes this layer; the data layer never imports it
+    from fedpers.config import ExperimentConfig
 
 CLASS_ASSIGNMENT_MODES = ("first-deterministic", "random", "deterministic")
 SMALL_CLIENT_POLICIES = ("error", "rebalance")

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from fedpers.config import ShiftConfig
+from fedpers.data.config import ShiftConfig
 
 TRANSFORMS = ("rotate", "contrast", "color", "blur", "noise", "invert")
 _DOMAIN_TAG, _CONCEPT_TAG, _NOISE_TAG = 0xD0, 0xC0, 0x40
