@@ -40,4 +40,5 @@ def wilson(correct: float, n: int, z: float = 1.96) -> tuple[float, float]:
     d = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / d
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The interval contains p exactly; at p = 0 or 1 rounding would otherwise leave p an ulp outside it.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))

@@ -252,7 +252,8 @@ def plot_results(rows: list[dict], summary: dict, out: Path, setting: str | None
     ax.bar(x, acc, color=TOL_MUTED[1], edgecolor=TOL_MUTED[0])
     if sizes and ids:  # a 1.0 on 5 test images is not a 1.0 on 200: show how sure each bar is
         lo_hi = np.array([wilson(a * sizes.get(k, 0), sizes.get(k, 0)) for k, a in zip(ids, acc)])
-        ax.errorbar(x, acc, yerr=[acc - lo_hi[:, 0], lo_hi[:, 1] - acc], fmt="none", ecolor="black",
+        yerr = np.clip([acc - lo_hi[:, 0], lo_hi[:, 1] - acc], 0.0, None)  # acc may differ from c/n by an ulp
+        ax.errorbar(x, acc, yerr=yerr, fmt="none", ecolor="black",
                     capsize=2, linewidth=0.8, label="95% interval from the test-split size")
     ax.axhline(summary["final"]["accuracy_mean"], color="k", linestyle="--", label="mean over clients")
     names = [f"{k}\n(test {sizes[k]})" if k in sizes else k for k in ids]

@@ -37,6 +37,29 @@ def test_wilson_interval_is_wide_for_few_test_examples_and_narrow_for_many():
     assert plotting.wilson(0, 0) == (0.0, 1.0)
 
 
+def test_wilson_interval_contains_the_measured_accuracy_at_every_count():
+    # At 0 or n correct, rounding used to leave p an ulp outside the interval (e.g. 6 of 6, 0 of 11), and
+    # the per-client plot's error bars then went negative and crashed a finished run.
+    for n in range(1, 120):
+        for c in range(n + 1):
+            lo, hi = plotting.wilson(c, n)
+            assert 0.0 <= lo <= c / n <= hi <= 1.0, (c, n, lo, hi)
+
+
+def test_per_client_plot_survives_perfect_and_zero_scores(tmp_path, saved):
+    from fedpers.results import plot_results
+
+    (tmp_path / "partitions").mkdir()
+    (tmp_path / "partitions" / "partitions.json").write_text(json.dumps({"num_test": [6, 11, 21]}))
+    rows = [{"round": 1, "accuracy_mean": 0.6, "accuracy_worst10": 0.0}]
+    summary = {"strategy": "fedvpt", "dataset": "fonts", "partitioner": "pathological", "seed": 0,
+               "final": {"accuracy_mean": 0.67, "per_client": {"0": 1.0, "1": 0.0, "2": 1.0}}}
+    plot_results(rows, summary, tmp_path, "pathological, seed 0")
+    bars = saved["accuracy_per_client.png"].axes[0]
+    err = next(c for c in bars.collections if c.get_segments()).get_segments()
+    assert err[0][1][1] == 1.0 and err[1][0][1] == 0.0  # the bars end at the score they bound
+
+
 def test_categorical_colours_are_distinct_and_avoid_red_green_pairs():
     for n in (2, 9, 10, 15):
         cols = [matplotlib.colors.to_hex(c) for c in plotting.categorical(n)]
