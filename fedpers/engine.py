@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -34,6 +35,7 @@ from fedpers.dp import privatize_reply
 from fedpers.payload import Failure, Reply
 from fedpers.rounds import client_round
 from fedpers.threads import ThreadPolicy, torch_threads
+from fedpers.workers import watch_parent
 from strategies import get_strategy_class
 
 log = logging.getLogger("fedpers")
@@ -84,7 +86,7 @@ class InProcessTransport:
             threads = torch_threads(jobs=n, requested=self.cfg.run.threads)
             log.info("fast engine: %d worker processes x %d torch threads", n, threads)
             self._pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_worker, initargs=(threads,))
+                                             initializer=_init_worker, initargs=(threads, os.getpid()))
         died = []
         futures = {}
         for pid, arrays in payloads.items():
@@ -164,9 +166,10 @@ class InProcessTransport:
         self.states = {int(pid): {k: np.array(v, copy=True) for k, v in s.items()} for pid, s in states.items()}
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent_pid: int) -> None:
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
+    watch_parent(parent_pid)  # an engine whose process dies takes its workers with it
 
 
 def _remote_round(cfg: ExperimentConfig, pid: int, server_round: int, arrays: dict[str, np.ndarray],

@@ -18,6 +18,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from fedpers.workers import sigterm_raises, watch_parent
+
 log = logging.getLogger("fedpers")
 
 def available_cores() -> int:
@@ -52,11 +54,13 @@ def run_cell(cfg_yaml: str) -> tuple[str, str]:
         return "failed", f"{type(e).__name__}: {e}"
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent_pid: int | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if parent_pid is not None:
+        watch_parent(parent_pid)
 
 
 CellFn = Callable[[str], tuple[str, str]]
@@ -88,20 +92,21 @@ def run_local(jobs: list[tuple[int, str]], n_workers: int, done: Done, cell_fn: 
     ctx = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and locks
     broken_before: set[int] = set()
     pending = list(jobs)
-    while pending:
-        crashed = _pool_pass(pending, n_workers, threads, ctx, done, cell_fn)
-        pending = [(i, y) for i, y in crashed if i not in broken_before]
-        for i, y in crashed:
-            if i in broken_before:
-                _solo(i, y, threads, ctx, done, cell_fn)
-        broken_before.update(i for i, _ in crashed)
-        if crashed:
-            log.warning("sweep: a worker process died; %d cells go to a fresh pool", len(pending))
+    with sigterm_raises():
+        while pending:
+            crashed = _pool_pass(pending, n_workers, threads, ctx, done, cell_fn)
+            pending = [(i, y) for i, y in crashed if i not in broken_before]
+            for i, y in crashed:
+                if i in broken_before:
+                    _solo(i, y, threads, ctx, done, cell_fn)
+            broken_before.update(i for i, _ in crashed)
+            if crashed:
+                log.warning("sweep: a worker process died; %d cells go to a fresh pool", len(pending))
 
 
 def _pool_pass(work, n_workers, threads, ctx, done: Done, cell_fn: CellFn) -> list[tuple[int, str]]:
     """One pool over ``work``; returns the cells lost to a broken pool."""
-    pool = ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+    pool = ProcessPoolExecutor(n_workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, os.getpid()))
     crashed = []
     try:
         futures = {pool.submit(cell_fn, y): (i, y) for i, y in work}
@@ -125,7 +130,7 @@ def _pool_pass(work, n_workers, threads, ctx, done: Done, cell_fn: CellFn) -> li
 
 
 def _solo(i: int, y: str, threads: int, ctx, done: Done, cell_fn: CellFn) -> None:
-    pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+    pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=(threads, os.getpid()))
     try:
         status, error = pool.submit(cell_fn, y).result()
     except BrokenProcessPool:
