@@ -43,15 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", type=Path, help="runs.csv files, earliest first")
     ap.add_argument("--out", type=Path, required=True, help="folder for the merged runs.csv, table.md, plots/")
     ap.add_argument("--title", default="Merged sweep", help="title of table.md")
+    ap.add_argument("--reference", default="pfedpg", help="strategy label the paired differences are taken to")
     args = ap.parse_args(argv)
     rows = merge(args.runs)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "runs.csv")
-    write_table(rows, args.out / "table.md", args.title)
+    write_table(rows, args.out / "table.md", args.title, args.reference)
     plot(rows, args.out / "plots")
     from fedpers.stats_report import plot as plot_ci  # CI bars and paired differences, as the sweep draws them
 
-    plot_ci(rows, args.out / "plots")
+    plot_ci(rows, args.out / "plots", args.reference)
     print(f"{len(rows)} cells -> {args.out}")
     return 0
 

@@ -7,6 +7,7 @@ A grid file (see ``experiments/configs/benchmark.yaml``)::
     strategies: [fedavg, {fedprox_mu0.1: {strategy.name: fedprox, strategy.mu: 0.1}}, ...]
     partitions: {dir0.1: {data.partitioner.alpha: 0.1}, ...}
     seeds: [0, 1, 2]
+    reference: pfedpg                  # table.md's paired differences are to this strategy label (default pfedpg)
 
 Every cell runs on the in-process engine. A cell whose folder holds a ``summary.json`` written for the
 same resolved config is skipped, so an interrupted grid resumes where it stopped. The grid writes
@@ -31,6 +32,7 @@ from omegaconf import OmegaConf
 
 from fedpers.config import ConfigError, ExperimentConfig, from_layers, from_yaml, to_yaml
 from fedpers.sweep_exec import run_grid  # the executors live there; run_grid stays importable from here
+from fedpers.stats_report import REFERENCE
 from fedpers.sweep_report import COLUMNS, plot, write_csv, write_table  # noqa: F401  (the report lives there)
 
 log = logging.getLogger("fedpers")
@@ -90,6 +92,15 @@ def _named(entries: Any, field: str, to_overrides) -> dict[str, dict]:
     return out
 
 
+GRID_KEYS = ("output_dir", "base", "strategies", "partitions", "seeds", "reference")
+
+
+def grid_reference(path: str | Path) -> str:
+    """The strategy label table.md's paired differences are taken to (the grid's ``reference``, default
+    pfedpg); :func:`load_grid` has checked that the grid has it."""
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("reference", REFERENCE)
+
+
 def load_grid(path: str | Path, extra_base: list[str] | None = None, only: dict[str, list[str]] | None = None,
               output_dir: str | None = None) -> tuple[Path, list[Cell]]:
     """Grid file -> (output dir, validated cells). Every cell's config is validated before any runs."""
@@ -97,9 +108,9 @@ def load_grid(path: str | Path, extra_base: list[str] | None = None, only: dict[
     if not path.is_file():
         raise ConfigError("grid", f"file not found: {path}")
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    unknown = set(raw) - {"output_dir", "base", "strategies", "partitions", "seeds"}
+    unknown = set(raw) - set(GRID_KEYS)
     if unknown:
-        raise ConfigError(f"grid.{min(unknown)}", "unknown key; allowed: output_dir, base, strategies, partitions, seeds")
+        raise ConfigError(f"grid.{min(unknown)}", f"unknown key; allowed: {', '.join(GRID_KEYS)}")
     out_dir = Path(output_dir or raw.get("output_dir") or "results/benchmark")
     base = nest(raw.get("base") or {})
     for item in extra_base or []:
@@ -108,6 +119,10 @@ def load_grid(path: str | Path, extra_base: list[str] | None = None, only: dict[
         _merge(base, nest(OmegaConf.to_container(OmegaConf.from_dotlist([item]))))
     strategies = _named(raw.get("strategies"), "grid.strategies", lambda n: {"strategy.name": n})
     partitions = _named(raw.get("partitions"), "grid.partitions", lambda n: {})
+    reference = raw.get("reference")
+    if reference is not None and reference not in strategies:  # unset: pfedpg, if the grid has it
+        raise ConfigError("grid.reference", f"{reference!r} is not one of the grid's strategy labels: "
+                                            f"{', '.join(strategies)}")
     seeds = raw.get("seeds") or [0]
     if not all(isinstance(s, int) for s in seeds):
         raise ConfigError("grid.seeds", f"must be a list of integers, got {seeds!r}")
@@ -231,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ray = execution_flags(args)
         out_dir, cells = load_grid(args.grid, args.overrides, only, args.output_dir)
+        reference = grid_reference(args.grid)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -253,11 +269,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     wall = time.perf_counter() - t0
     title = f"{Path(args.grid).name}: {len(cells)} cells"
-    print(write_table(rows, out_dir / "table.md", title))
+    print(write_table(rows, out_dir / "table.md", title, reference))
     plot(rows, out_dir / "plots")
     from fedpers.stats_report import plot as plot_ci
 
-    plot_ci(rows, out_dir / "plots")
+    plot_ci(rows, out_dir / "plots", reference)
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"grid wall time this invocation: {wall:.0f}s; results in {out_dir} (runs.csv, table.md, plots/)")
     return 1 if failed else 0

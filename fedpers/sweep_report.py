@@ -51,7 +51,8 @@ def _pivot(ok: list[dict], parts: list[str], strats: list[str], key: str, name: 
     return lines + ["", f"Seeds per cell: {', '.join(map(str, counts))}.", ""]
 
 
-def write_table(rows: list[dict], path: Path, title: str) -> str:
+def write_table(rows: list[dict], path: Path, title: str, reference: str | None = None) -> str:
+    """table.md: pivots, per-partition tables, CIs and the paired differences to ``reference`` (None: pfedpg)."""
     ok = [r for r in rows if r["status"] == "ok"]
     parts = list(dict.fromkeys(r["partition"] for r in rows))
     strats = list(dict.fromkeys(r["strategy"] for r in rows))
@@ -79,9 +80,9 @@ def write_table(rows: list[dict], path: Path, title: str) -> str:
                          f"{_sci(float(np.mean([r['bytes_per_round'] for r in rs])))} | "
                          f"{_fmt([r.get('local_steps') for r in rs], pct=False)} |")
         lines.append("")
-    from fedpers.stats_report import sections  # CIs and paired differences over per-client results
+    from fedpers.stats_report import REFERENCE, sections  # CIs and paired differences over per-client results
 
-    lines += sections(rows)
+    lines += sections(rows, reference or REFERENCE)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["## Failed or missing cells", ""] + [

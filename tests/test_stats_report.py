@@ -105,6 +105,11 @@ def test_table_marks_differences_whose_ci_excludes_zero(tmp_path):
     assert "| pfedpg | 3 | 50 |" in text
     sr.plot(rows, tmp_path / "plots")
     assert (tmp_path / "plots" / "accuracy_ci.png").is_file() and (tmp_path / "plots" / "paired_diff.png").is_file()
+    # A grid's own reference: the same cells, differences now taken to "worse".
+    text = write_table(rows, tmp_path / "table.md", "t", reference="worse")
+    assert "## Paired difference to pfedpg" not in text
+    diff = text.split("## Paired difference to worse")[1]
+    assert "**+10.0 [+10.0, +10.0]** *" in next(line for line in diff.splitlines() if line.startswith("| pfedpg |"))
 
 
 def test_small_tails_are_flagged(tmp_path):

@@ -77,6 +77,12 @@ def test_bad_grid_names_the_field(tmp_path):
     bad.write_text("strategies: [fedavg]\npartitions: {p: {}}\nseed: [1]\n")
     with pytest.raises(ConfigError, match="grid.seed"):
         sweep.load_grid(bad)
+    bad.write_text("strategies: [fedavg, local]\npartitions: {p: {}}\nreference: fedit\n")
+    with pytest.raises(ConfigError, match="grid.reference.*fedavg, local"):
+        sweep.load_grid(bad)
+    assert sweep.main([str(bad), "--dry-run"]) == 2
+    bad.write_text("strategies: [fedavg, local]\npartitions: {p: {}}\nreference: local\n")
+    assert sweep.load_grid(bad)[1] and sweep.grid_reference(bad) == "local"
 
 
 def test_nest_merges_dotted_and_nested_keys():
