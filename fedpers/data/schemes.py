@@ -139,9 +139,15 @@ def _exponential(p, n, seed, num_samples):
 @register_scheme("natural_id", ("id_column",),
                  "natural split: one client per distinct value of the dataset's id_column (writer, device, domain)")
 def _natural_id(p, n, seed, num_samples):
-    from flwr_datasets.partitioner import NaturalIdPartitioner
+    import functools
 
-    return NaturalIdPartitioner(partition_by=p.id_column)
+    import flwr_datasets.partitioner.natural_id_partitioner as nip
+
+    # Its index pass draws a tqdm bar on every build, also in --no-progress runs and in every sweep cell;
+    # fedpers reports progress itself, so that module's bar is switched off (its only use of tqdm).
+    if not isinstance(nip.tqdm, functools.partial):
+        nip.tqdm = functools.partial(nip.tqdm, disable=True)
+    return nip.NaturalIdPartitioner(partition_by=p.id_column)
 
 
 def _require(ok: bool, field_name: str, message: str) -> None:
