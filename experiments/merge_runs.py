@@ -15,7 +15,7 @@ import argparse
 import csv
 from pathlib import Path
 
-from fedpers.sweep_report import COLUMNS, plot, write_csv, write_table
+from fedpers.sweep.report import COLUMNS, plot, write_csv, write_table
 
 NUMERIC = {"accuracy_mean", "accuracy_worst10", "unseen_accuracy_mean", "cross_eval_gap", "params_per_round",
            "bytes_per_round", "local_steps", "rounds", "wall_time_s"}
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(rows, args.out / "runs.csv")
     write_table(rows, args.out / "table.md", args.title, args.reference)
     plot(rows, args.out / "plots")
-    from fedpers.stats_report import plot as plot_ci  # CI bars and paired differences, as the sweep draws them
+    from fedpers.sweep.stats import plot as plot_ci  # CI bars and paired differences, as the sweep draws them
 
     plot_ci(rows, args.out / "plots", args.reference)
     print(f"{len(rows)} cells -> {args.out}")

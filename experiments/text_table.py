@@ -47,8 +47,8 @@ def run_one(adapter: str, strategy: str, seed: int, rounds: int, out: Path) -> P
 
 def param_counts(folder: Path) -> tuple[float, float]:
     """(trainable, communicated up+down) parameters per client per round, averaged over clients."""
-    from fedpers.config import from_yaml
-    from fedpers.server import build_strategy
+    from fedpers.experiment import from_yaml
+    from fedpers.rounds.server import build_strategy
 
     cfg = from_yaml((folder / "config.yaml").read_text())
     s = build_strategy(cfg)

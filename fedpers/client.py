@@ -1,7 +1,7 @@
 """One client's round: (frozen backbone, personal state, received tensors, its data) -> reply + new state.
 
 Engine-agnostic: the Flower ClientApp and the in-process engine both call
-:func:`fedpers.rounds.client_round`, which hands these blocks to the client's strategy.
+:func:`fedpers.rounds.client_round.client_round`, which hands these blocks to the client's strategy.
 
 A client holds named tensors: the backbone's trainable tensors (``prompts`` for a prompted ViT) and
 its linear head (``head.weight``, ``head.bias``). Each round it starts every tensor from what the
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedpers import cache
+from fedpers.models import cache
 from fedpers.config import ExperimentConfig
 from fedpers.data import ClientData, build_federated, get_dataset_info
 from fedpers.models.backbones import adapter_shapes, load_model
@@ -80,9 +80,56 @@ class ClientContext:
         """A generator private to this (seed, round, client[, salt])."""
         return torch.Generator().manual_seed(seed_for(self.cfg.run.seed, self.server_round, self.partition_id, *salt))
 
+    tensor_shapes: dict[str, tuple[int, ...]] | None = None  # from ClientSetup; computed when absent
+
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return client_tensor_shapes(self.cfg, self.num_classes, self.model.embed_dim)
+        if self.tensor_shapes is None:
+            return client_tensor_shapes(self.cfg, self.num_classes, self.model.embed_dim)
+        return self.tensor_shapes
+
+
+@dataclass(frozen=True)
+class ClientSetup:
+    """What every client of a run shares, built once per process from a validated config: the frozen
+    backbone, the number of classes and every client tensor's shape. The server's strategy is sized
+    from the same ``shapes`` (:func:`fedpers.experiment.build`), so the two sides cannot disagree."""
+
+    model: torch.nn.Module
+    num_classes: int
+    shapes: dict[str, tuple[int, ...]]
+
+
+def run_tensor_shapes(cfg: ExperimentConfig) -> dict[str, tuple[int, ...]]:
+    """Every client tensor's shape for this run: the one place the server (which sizes its strategy from
+    it, without loading a ViT's weights) and the clients (:func:`client_setup`) read them from."""
+    from fedpers.models.backbones import feature_dim
+
+    num_classes = get_dataset_info(cfg.data.dataset).num_classes
+    return client_tensor_shapes(cfg, num_classes, feature_dim(cfg.model))
+
+
+def _setup_key(cfg: ExperimentConfig) -> str:
+    import json
+    from dataclasses import asdict
+
+    flags = {f: bool(getattr(cfg.strategy, f, False)) for f in ("deep_prompts", "trains_backbone")}
+    return json.dumps({"model": asdict(cfg.model), "dataset": cfg.data.dataset, **flags}, sort_keys=True)
+
+
+_SETUPS: dict[str, ClientSetup] = {}
+
+
+def client_setup(cfg: ExperimentConfig) -> ClientSetup:
+    """Built once per process and model configuration (the backbone itself is cached by its loader)."""
+    key = _setup_key(cfg)
+    hit = _SETUPS.get(key)
+    if hit is None:
+        hit = ClientSetup(load_model(cfg.model), get_dataset_info(cfg.data.dataset).num_classes, run_tensor_shapes(cfg))
+        if len(_SETUPS) >= 4:  # a sweep in one process walks through configs; keep the last few
+            _SETUPS.pop(next(iter(_SETUPS)))
+        _SETUPS[key] = hit
+    return hit
 
 
 def make_context(cfg: ExperimentConfig, partition_id: int, server_round: int,
@@ -93,8 +140,8 @@ def make_context(cfg: ExperimentConfig, partition_id: int, server_round: int,
         if not 0 <= partition_id < len(fed.clients):
             raise ValueError(f"partition-id {partition_id} outside [0, {len(fed.clients)})")
         data = fed.clients[partition_id]
-    model = load_model(cfg.model)
-    return ClientContext(cfg, partition_id, server_round, data, model, get_dataset_info(cfg.data.dataset).num_classes)
+    s = client_setup(cfg)
+    return ClientContext(cfg, partition_id, server_round, data, s.model, s.num_classes, s.shapes)
 
 
 def initial_tensor(ctx: ClientContext, name: str) -> torch.Tensor:
@@ -240,7 +287,7 @@ def fit(
     frozen = cacheable(tensors)
     tokens = batch_tokens(ctx, data.x_train) if frozen else None
     x_train = None if frozen else ctx.model.prepare(data.x_train)
-    # Head-only training: the backbone's output is fixed, so compute it once (exact; see fedpers.cache).
+    # Head-only training: the backbone's output is fixed, so compute it once (exact; see fedpers.models.cache).
     head_only = frozen and view is None and not any(k in names for k in non_head_tensors(tensors))
     feats = frozen_features(ctx, data.x_train, tensors) if head_only else None
     n = data.num_train
@@ -302,9 +349,7 @@ def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], re
     state = {k: trained[k].detach().numpy().astype(DTYPE).copy() for k in personal}
     test_loss, test_acc = eval_result or evaluate(ctx, eval_tensors if eval_tensors is not None else trained)
     if ctx.cfg.run.cross_eval:  # the model just evaluated, kept for the cross-evaluation after training
-        from fedpers import cross_eval
-
-        cross_eval.stash(state, eval_tensors if eval_tensors is not None else trained)
+        stash_for_cross_eval(state, eval_tensors if eval_tensors is not None else trained)
     per_epoch = steps_per_epoch(ctx)
     metrics = {
         "train_loss": float(np.mean(losses[-per_epoch:])) if losses else float("nan"),
@@ -315,6 +360,16 @@ def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], re
         **(extra_metrics or {}),
     }
     return Reply(ctx.partition_id, arrays, ctx.data.num_train, metrics), state
+
+
+CROSS_EVAL_STASH = "cross_eval/"  # state prefix of the model a client last evaluated itself with
+
+
+def stash_for_cross_eval(state: dict[str, np.ndarray], model: dict) -> None:
+    """Keep the tensors a client just evaluated itself with, for the cross-evaluation's upload exchange
+    (:mod:`fedpers.results.cross_eval`)."""
+    for k, v in model.items():
+        state[CROSS_EVAL_STASH + k] = np.asarray(v.detach().numpy() if hasattr(v, "detach") else v, dtype=DTYPE).copy()
 
 
 def default_client_update(strategy_cls, ctx: ClientContext, received: dict[str, np.ndarray],

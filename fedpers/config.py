@@ -1,9 +1,12 @@
-"""Typed, validated run configuration.
+"""Typed run configuration: the floor every other module stands on.
 
 Configs are dataclasses. Users give YAML files and ``key=value`` overrides; omegaconf merges them
-onto the dataclass schema (rejecting unknown keys and wrong types), then :func:`validate` checks
-ranges and allowed names. The ``strategy`` section is validated against the chosen strategy's own
-dataclass, so each algorithm owns its hyper-parameters (``strategy.server_lr``, ...).
+onto the dataclass schema (:func:`merge_layers`, rejecting unknown keys and wrong types), then
+:func:`check_fields` checks the ranges of the config's own fields. This module imports no registry:
+resolving the ``strategy`` section against the chosen strategy's own dataclass (each algorithm owns its
+hyper-parameters, ``strategy.server_lr``, ...) and the checks that need the strategy or dataset
+registries live one floor up, in :mod:`fedpers.experiment`, whose ``load_config`` / ``from_yaml`` /
+``from_layers`` are the loaders callers use.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class RunConfig:
     cache: bool = True  # exact per-process caches of frozen computation (patch embeddings, frozen features)
     cache_mb: float = 1024.0  # memory budget of those caches per process; clients past it are recomputed
     workers: int = 1  # fast engine: processes that train a round's clients in parallel (1 = this process; each of N gets its share of the free cores as torch threads)
-    threads: int = 0  # fast engine and its workers: torch threads per process; 0 = auto (OMP_NUM_THREADS if set, else the cores other processes leave free, re-checked every round; see fedpers/threads.py)
+    threads: int = 0  # fast engine and its workers: torch threads per process; 0 = auto (OMP_NUM_THREADS if set, else the cores other processes leave free, re-checked every round; see fedpers/rounds/threads.py)
     batch_clients: bool = False  # fast engine: train a round's clients together in mixed batches
     batch_max_samples: int = 1024  # batch_clients: most samples in one mixed forward/backward (clients grouped)
     device: str = "cpu"  # batch_clients: torch device of the batched trainer (cpu | cuda | cuda:N)
@@ -130,45 +133,8 @@ def _schema() -> DictConfig:
     return _structured(ExperimentConfig)
 
 
-def _strategy_config(raw: Any) -> Any:
-    from strategies import get_strategy_class, list_strategies
-
-    raw = OmegaConf.to_container(raw, resolve=True) if isinstance(raw, DictConfig) else dict(raw or {})
-    name = raw.get("name", "pfedpg")
-    if not isinstance(name, str):  # a list or mapping here would be an unhashable-type traceback
-        raise ConfigError("strategy.name", f"must be a strategy name; allowed: {', '.join(list_strategies())}")
-    try:
-        cls = get_strategy_class(name)
-    except KeyError:
-        raise ConfigError("strategy.name", f"unknown strategy {name!r}; allowed: {', '.join(list_strategies())}") from None
-    schema = _structured(cls.config_cls)
-    try:
-        merged = OmegaConf.merge(schema, raw)
-        obj = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"strategy.{key}", _clean(e)) from None
-    return obj
-
-
 def _clean(e: Exception) -> str:
     return str(e).split("\n")[0]
-
-
-def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """YAML file + dotlist overrides -> validated ExperimentConfig. Raises ConfigError."""
-    layers = []
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError("--config", f"file not found: {path}")
-        layers.append(load_yaml_mapping(path, "--config"))
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(bad[0], "overrides must look like key=value")
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-    return from_layers(layers)
 
 
 def load_yaml_mapping(path: str | Path, field_name: str) -> DictConfig:
@@ -197,8 +163,10 @@ def load_yaml_mapping(path: str | Path, field_name: str) -> DictConfig:
     return loaded
 
 
-def from_layers(layers: list[Any]) -> ExperimentConfig:
-    """Merge layers (dicts/DictConfigs) onto the schema and validate."""
+def merge_layers(layers: list[Any]) -> tuple[ExperimentConfig, Any]:
+    """Merge layers (dicts/DictConfigs) onto the schema: the config with ``strategy`` still unresolved,
+    and the merged ``strategy`` section (a DictConfig) that :func:`fedpers.experiment.from_layers` resolves
+    against the chosen strategy's own dataclass. Raises ConfigError naming the field."""
     base = _schema()
     strategy_layers = []
     for layer in layers:
@@ -215,11 +183,34 @@ def from_layers(layers: list[Any]) -> ExperimentConfig:
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or "?"
             raise ConfigError(key, _clean(e)) from None
-    strat = OmegaConf.merge({"name": "pfedpg"}, *strategy_layers) if strategy_layers else {"name": "pfedpg"}
+    strat = OmegaConf.merge({"name": "pfedpg"}, *strategy_layers) if strategy_layers else OmegaConf.create({"name": "pfedpg"})
     cfg: ExperimentConfig = OmegaConf.to_object(base)  # type: ignore[assignment]
-    cfg.strategy = _strategy_config(strat)
-    validate(cfg)
-    return cfg
+    return cfg, strat
+
+
+def read_layers(config_file: str | Path | None = None, overrides: list[str] | None = None) -> list[Any]:
+    """A YAML file and dotlist overrides as layers for :func:`merge_layers`. Raises ConfigError."""
+    layers = []
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError("--config", f"file not found: {path}")
+        layers.append(load_yaml_mapping(path, "--config"))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(bad[0], "overrides must look like key=value")
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    return layers
+
+
+def resolve_section(schema_cls: type, raw: Any, prefix: str) -> Any:
+    """A mapping merged onto a config dataclass's schema (unknown keys and wrong types refused)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(_structured(schema_cls), raw))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{prefix}.{key}", _clean(e)) from None
 
 
 def holdout_count(r: RunConfig) -> int:
@@ -237,10 +228,10 @@ def _require(ok: bool, field_name: str, message: str) -> None:
         raise ConfigError(field_name, message)
 
 
-def validate(cfg: ExperimentConfig) -> None:
-    """Range and name checks that a type schema cannot express."""
-    from fedpers.data import get_dataset_info, list_datasets
-    from strategies import get_strategy_class
+def check_fields(cfg: ExperimentConfig) -> None:
+    """Range and name checks of the config's own fields that a type schema cannot express. The checks that
+    need a registry (is the dataset or strategy known, do they fit the model) live one floor up, in
+    :func:`fedpers.experiment.validate`."""
 
     r, d, m, c = cfg.run, cfg.data, cfg.model, cfg.client
     check_numbers(cfg)
@@ -303,13 +294,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(r.device == "cpu" or r.batch_clients, "run.device",
              "only the batched trainer runs off the CPU; set run.batch_clients=true")
 
-    datasets = list_datasets()
-    _require(d.dataset in datasets, "data.dataset", f"unknown dataset {d.dataset!r}; allowed: {', '.join(datasets)}")
     if d.path is not None:
         _require(Path(d.path).is_dir(), "data.path", f"not a directory: {d.path}")
-    from fedpers.data.schemes import validate_data
-
-    validate_data(cfg)
 
     _require(m.modality in MODALITIES, "model.modality", f"unknown modality {m.modality!r}; allowed: {', '.join(MODALITIES)}")
     _require(m.adapter in ADAPTERS, "model.adapter", f"unknown adapter {m.adapter!r}; allowed: {', '.join(ADAPTERS)}")
@@ -317,9 +303,6 @@ def validate(cfg: ExperimentConfig) -> None:
              f"{m.adapter!r} needs model.modality=text; vision supports: prompt")
     _require(m.modality != "text" or d.shift.name != "domain", "data.shift.name",
              "domain shift transforms images; with model.modality=text use: none, concept")
-    data_modality = get_dataset_info(d.dataset).modality
-    _require(data_modality == m.modality, "model.modality",
-             f"{m.modality!r} does not match dataset {d.dataset!r}, which is {data_modality}")
     _require(m.max_length >= 2, "model.max_length", f"must be >= 2, got {m.max_length}")
     _require(m.lora.r >= 1, "model.lora.r", f"must be >= 1, got {m.lora.r}")
     _require(m.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {m.lora.alpha}")
@@ -342,17 +325,6 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(dp.noise_multiplier == 0 or dp.clip_norm > 0, "dp.noise_multiplier",
              "noise needs a clipping bound: set dp.clip_norm > 0")
     _require(0 < dp.delta < 1, "dp.delta", f"must be in (0, 1), got {dp.delta}")
-    scls = get_strategy_class(cfg.strategy.name)
-    _require(m.modality in scls.modalities, "model.modality",
-             f"strategy {scls.name!r} supports {', '.join(scls.modalities)}, not {m.modality!r}")
-    _require(m.adapter in scls.adapters, "model.adapter",
-             f"strategy {scls.name!r} supports adapters {', '.join(scls.adapters)}, not {m.adapter!r}")
-    validate_strategy = getattr(cfg.strategy, "validate", None)
-    if validate_strategy is not None:
-        validate_strategy()
-    validate_against = getattr(cfg.strategy, "validate_with", None)  # checks that need the rest of the config
-    if validate_against is not None:
-        validate_against(cfg)
 
 
 def check_numbers(obj: Any, prefix: str = "") -> None:
@@ -375,7 +347,3 @@ def to_dict(cfg: ExperimentConfig) -> dict:
 
 def to_yaml(cfg: ExperimentConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
-
-
-def from_yaml(text: str) -> ExperimentConfig:
-    return from_layers([OmegaConf.create(text)])

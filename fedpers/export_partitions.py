@@ -14,7 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from fedpers.config import ConfigError, load_config
+from fedpers.config import ConfigError
+
+from fedpers.experiment import load_config
 
 
 def export(cfg, out_dir: str | Path) -> list[Path]:

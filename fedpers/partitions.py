@@ -16,7 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-from fedpers.config import ConfigError, load_config
+from fedpers.config import ConfigError
+
+from fedpers.experiment import load_config
 from fedpers.docs import describe_fields
 
 DEFAULT_OUT = "results/partitions"

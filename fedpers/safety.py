@@ -1,6 +1,6 @@
 """Checks that run before any work (results folder, memory) and after the last round (the outcome).
 
-The config validator (``fedpers.config.validate``) checks values on their own; these checks look at the
+The config validator (``fedpers.experiment.validate``) checks values on their own; these checks look at the
 machine and the results folder, so they run only where a run starts (``simulate.run``, the deployed
 ServerApp), never in a ClientApp that merely parses the config the server sent.
 """
@@ -69,7 +69,7 @@ def memory_lower_bound_bytes(cfg: ExperimentConfig) -> int:
     the point is that a typo (``model.num_prompts=2000000``) is refused in a second instead of
     allocating gigabytes a minute later."""
     from fedpers.client import client_tensor_shapes
-    from fedpers.data.datasets import get_dataset_info
+    from fedpers.data.catalog import get_dataset_info
 
     m = cfg.model
     num_classes = get_dataset_info(cfg.data.dataset).num_classes

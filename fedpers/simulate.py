@@ -8,7 +8,9 @@ import logging
 import sys
 import time
 
-from fedpers.config import ConfigError, ExperimentConfig, load_config, to_yaml
+from fedpers.config import ConfigError, ExperimentConfig, to_yaml
+
+from fedpers.experiment import load_config
 from fedpers.docs import describe_fields
 
 USAGE = """Run a federated personalization simulation.
@@ -46,18 +48,18 @@ def preflight(cfg: ExperimentConfig) -> None:
     """Build the data and load the backbone once here, so bad data or weights fail before any round."""
     from pathlib import Path
 
-    from fedpers.data import build_federated
     from fedpers.data.stats import describe_setting, write_report
-    from fedpers.models.backbones import load_model
+    from fedpers.experiment import build
 
-    fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
+    exp = build(cfg)
+    fed = exp.data()
     # Every results folder says what the clients' data looked like (same files as `python -m fedpers.partitions`).
     write_report(fed, Path(cfg.run.output_dir) / "partitions", describe_setting(cfg.data, cfg.run.seed))
     sizes = [c.num_train for c in fed.clients]
     logging.getLogger("fedpers").info(
         "%s: %d clients, train sizes min %d / max %d", cfg.data.dataset, len(sizes), min(sizes), max(sizes)
     )
-    load_model(cfg.model)
+    exp.client_setup()  # the frozen backbone, once per process; a bad one fails here
 
 
 def run(cfg: ExperimentConfig, overwrite: bool = False, verbose: bool = False) -> dict:
@@ -66,20 +68,21 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, verbose: bool = False) -
 
     Raises ConfigError (a folder holding a run, memory over ``run.max_memory_gb``) before any work, and
     RunFailed after the last round when no round was applied or the final metrics are not finite."""
-    from fedpers import safety, threads
+    from fedpers import safety
+    from fedpers.rounds import threads
 
     threads.prime()  # the fast engine's first thread decision samples the load during preflight
 
     safety.claim_output_dir(cfg, overwrite)
     safety.check_memory(cfg)
     if cfg.run.resume:  # a missing, foreign or unsafe checkpoint is refused before data and model load
-        from fedpers.checkpoint import load_checkpoint
+        from fedpers.results.checkpoint import load_checkpoint
 
         load_checkpoint(cfg)
     preflight(cfg)
     if cfg.run.engine in ("fast", "inprocess"):
-        from fedpers.engine import InProcessTransport
-        from fedpers.server import run_server
+        from fedpers.rounds.engine import InProcessTransport
+        from fedpers.rounds.server import run_server
 
         transport = InProcessTransport(cfg)
         try:
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.show_config:
         print(to_yaml(cfg))
         return 0
-    from fedpers.checkpoint import CheckpointError
+    from fedpers.results.checkpoint import CheckpointError
     from fedpers.data import DataError
     from fedpers.models.prompted import BackboneError
     from fedpers.safety import RunFailed

@@ -17,7 +17,7 @@ Client tensor names come from ``fedpers.client.client_tensor_shapes`` (``prompts
 from plain joint training overrides the ``client_update`` classmethod, built from the blocks in
 ``fedpers.client`` (``start_tensors``, ``fit``, ``evaluate``, ``finish``).
 
-Strategies never import Flower: the round loop in ``fedpers.server`` talks to any transport.
+Strategies never import Flower: the round loop in ``fedpers.rounds.server`` talks to any transport.
 """
 
 from __future__ import annotations

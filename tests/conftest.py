@@ -41,7 +41,7 @@ def tiny_overrides(out_dir, **extra) -> list[str]:
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
-    from fedpers.config import load_config
+    from fedpers.experiment import load_config
 
     def make(**extra):
         return load_config(None, tiny_overrides(tmp_path / "out", **extra))

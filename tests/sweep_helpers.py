@@ -3,7 +3,7 @@ because spawned worker processes import them by name."""
 
 import os
 
-from fedpers.sweep_exec import run_cell
+from fedpers.sweep.local import run_cell
 
 
 def crash_or_run(cfg_yaml: str) -> tuple[str, str]:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fedpers import bench
+from fedpers.bench import core as bench
 
 
 @pytest.mark.slow  # about 3 minutes on 2 cores

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from fedpers import simulate
-from fedpers.checkpoint import FILENAME, CheckpointError, load_checkpoint, read_checkpoint
-from fedpers.config import load_config
-from fedpers.engine import InProcessTransport
-from fedpers.server import run_server
+from fedpers.results.checkpoint import FILENAME, CheckpointError, load_checkpoint, read_checkpoint
+from fedpers.experiment import load_config
+from fedpers.rounds.engine import InProcessTransport
+from fedpers.rounds.server import run_server
 from tests.conftest import tiny_overrides
 
 ROUNDS = 4
@@ -170,7 +170,7 @@ def assert_tree_equal(a, b, path="state"):
 @pytest.mark.parametrize("name", __import__("strategies").list_strategies())
 def test_every_strategy_resumes_bit_identical(tmp_path, name):
     """Conformance: a strategy's state_dict must hold everything its future updates depend on."""
-    from fedpers.server import build_strategy
+    from fedpers.rounds.server import build_strategy
 
     from strategies import get_strategy_class
     from tests.conftest import text_tiny_overrides

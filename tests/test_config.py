@@ -3,7 +3,9 @@ import sys
 
 import pytest
 
-from fedpers.config import ConfigError, ExperimentConfig, from_yaml, load_config, to_yaml
+from fedpers.config import ConfigError, ExperimentConfig, to_yaml
+
+from fedpers.experiment import from_yaml, load_config
 
 REQUIRED_KEYS = [
     "run.seed", "run.rounds", "run.num_clients", "run.clients_per_round", "run.output_dir", "strategy.name",
@@ -103,7 +105,7 @@ def test_cli_show_config_prints_resolved_yaml():
 def test_every_shipped_config_is_valid():
     from pathlib import Path
 
-    from fedpers.sweep import load_grid
+    from fedpers.sweep.cli import load_grid
 
     files = sorted(Path(__file__).parents[1].joinpath("experiments", "configs").glob("*.yaml"))
     assert files

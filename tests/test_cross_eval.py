@@ -9,9 +9,9 @@ import pytest
 from flwr.app import Context, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedpers.config import load_config
-from fedpers.engine import InProcessTransport
-from fedpers.server import run_server
+from fedpers.experiment import load_config
+from fedpers.rounds.engine import InProcessTransport
+from fedpers.rounds.server import run_server
 from tests.conftest import tiny_overrides
 
 
@@ -108,7 +108,7 @@ def test_flower_transport_gives_the_fast_engines_matrix(tmp_path, monkeypatch):
 
 
 def test_sweep_table_has_the_gap_column(tmp_path):
-    from fedpers.sweep import write_table
+    from fedpers.sweep.cli import write_table
 
     row = {"partition": "p", "strategy": "s", "seed": 0, "status": "ok", "accuracy_mean": 0.5,
            "accuracy_worst10": 0.2, "unseen_accuracy_mean": None, "params_per_round": 10, "bytes_per_round": 40}

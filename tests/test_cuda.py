@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedpers import batched
+from fedpers.rounds import batched
 from fedpers.client import make_context
-from fedpers.engine import InProcessTransport
-from fedpers.server import build_strategy
+from fedpers.rounds.engine import InProcessTransport
+from fedpers.rounds.server import build_strategy
 from tests.test_fast_engine import SMALL, two_rounds
 
 DEVICE = os.environ.get("FEDPERS_TEST_DEVICE", "cuda")
@@ -64,8 +64,8 @@ def test_vit_b16_batched_round_on_device(tmp_path):
     """A real-size backbone (timm vit_base_patch16_224, random init, 224 px) through the batched trainer:
     every sampled client replies with finite deltas of the right shape, and the prompts are trained
     (their delta is not a multiple of the prompts, which is all weight decay alone would give)."""
-    from fedpers.config import load_config
-    from fedpers.gpu_check import vit_b16_overrides
+    from fedpers.experiment import load_config
+    from fedpers.bench.gpu_check import vit_b16_overrides
 
     cfg = load_config(None, vit_b16_overrides(DEVICE, 2, tmp_path / "out"))
     strategy = build_strategy(cfg)

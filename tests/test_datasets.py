@@ -28,7 +28,7 @@ def cifar_like(tmp_path_factory):
 
 
 def test_local_copy_loads_as_scaled_chw_arrays(cifar_like):
-    from fedpers.data.datasets import get_dataset_info
+    from fedpers.data.catalog import get_dataset_info
 
     path, imgs = cifar_like
     ds = get_dataset_info("cifar10").loader(str(path)).with_format("numpy")
@@ -63,7 +63,7 @@ def test_hub_dataset_offline_says_how_to_use_a_local_copy():
 
 
 def test_synthetic_images_are_deterministic_balanced_and_separable():
-    from fedpers.data.datasets import get_dataset_info
+    from fedpers.data.catalog import get_dataset_info
 
     info = get_dataset_info("synthetic_images")
     a, b = info.loader(), info.loader()

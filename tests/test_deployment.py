@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedpers import simulate
-from fedpers.config import load_config
+from fedpers.experiment import load_config
 from fedpers.export_partitions import export
 from tests.conftest import copy_app, tiny_overrides
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fedpers.config import ConfigError, DataConfig, load_config
+from fedpers.config import ConfigError, DataConfig
+
+from fedpers.experiment import load_config
 from fedpers.data import DataError, build_federated
 from fedpers.data.local import load_device_data
 from fedpers.export_partitions import export

@@ -10,10 +10,11 @@ import torch
 from scipy import optimize, stats
 
 from fedpers import simulate
-from fedpers.config import ConfigError, load_config
+from fedpers.config import ConfigError
+from fedpers.experiment import load_config
 from fedpers.dp import clip_and_noise, gaussian_epsilon
-from fedpers.engine import InProcessTransport
-from fedpers.server import run_server
+from fedpers.rounds.engine import InProcessTransport
+from fedpers.rounds.server import run_server
 from tests.conftest import tiny_overrides
 
 

@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedpers import batched, cache
+from fedpers.rounds import batched
+
+from fedpers.models import cache
 from fedpers.client import fit, make_context, start_tensors
 from fedpers.config import ConfigError
-from fedpers.engine import InProcessTransport
-from fedpers.server import build_strategy
+from fedpers.rounds.engine import InProcessTransport
+from fedpers.rounds.server import build_strategy
 from strategies import get_strategy_class
 
 # Uneven clients (Dirichlet; 22-35 train samples each) and small batches: several steps, clients
@@ -76,7 +78,7 @@ def test_token_cache_keeps_activations_below_the_first_prompted_layer(tiny_cfg):
     the cache then holds those activations, and training matches the uncached run."""
     import dataclasses
 
-    from fedpers.bench_support import prompts_from_layer
+    from fedpers.bench.support import prompts_from_layer
     from fedpers.client import evaluate
 
     cache.process_cache().clear()

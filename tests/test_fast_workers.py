@@ -9,8 +9,8 @@ import pytest
 
 from fedpers import simulate
 from fedpers.config import ConfigError
-from fedpers.engine import InProcessTransport
-from fedpers.server import build_strategy
+from fedpers.rounds.engine import InProcessTransport
+from fedpers.rounds.server import build_strategy
 from tests.conftest import tiny_overrides
 
 PIDS = [0, 1, 2, 3]
@@ -28,7 +28,7 @@ def rounds_of(cfg, transport, rounds, between=None):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    from fedpers.config import load_config
+    from fedpers.experiment import load_config
 
     cfg = load_config(None, tiny_overrides(tmp_path_factory.mktemp("ref"), **{"run.num_clients": 6,
                                                                               "run.engine": "fast"}))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedpers.faults import MALFORMED, FaultyTransport
+from fedpers.rounds.faults import MALFORMED, FaultyTransport
 from fedpers.payload import Reply
-from fedpers.server import build_strategy, run_server, sample_clients
+from fedpers.rounds.server import build_strategy, run_server, sample_clients
 from strategies import ClientUpdate
 
 METRICS = {"train_loss": 0.5, "test_loss": 0.6, "test_accuracy": 0.5, "num_test": 4.0}

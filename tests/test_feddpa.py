@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedpers.config import load_config
-from fedpers.engine import InProcessTransport
-from fedpers.server import build_strategy, run_server
+from fedpers.experiment import load_config
+from fedpers.rounds.engine import InProcessTransport
+from fedpers.rounds.server import build_strategy, run_server
 from strategies.feddpa import LOCAL, instance_weight, local_only, mixed
 from tests.conftest import text_tiny_overrides
 

@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpers.flower.apps import FlowerRunError, FlowerTransport, _to_record
-from fedpers.server import build_strategy, collect
+from fedpers.rounds.server import build_strategy, collect
 
 METRICS = {"train_loss": 0.5, "test_loss": 0.6, "test_accuracy": 0.5, "num_test": 4.0}
 BAD_NUMBERS = {"inf_examples": ("num_examples", float("inf")), "frac_examples": ("num_examples", 5.9),

@@ -98,7 +98,7 @@ def test_natural_id_by_face_gives_one_client_per_face(monkeypatch):
     small = fonts.render(fonts.DIGITS, 3, seed=0, faces=FACES)
     ds = Dataset.from_dict({"image": fonts.to_float(small["image"]), "label": small["label"],
                             "face": small["face"].tolist()})
-    import fedpers.data.datasets as registry
+    import fedpers.data.registry as registry
 
     # The full 25,200-image pool takes a while to render; the registered entry is swapped for a small one.
     info = get_dataset_info("fonts")

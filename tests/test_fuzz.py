@@ -17,9 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedpers.config import ConfigError, check_numbers, load_config
+from fedpers.config import ConfigError, check_numbers
+
+from fedpers.experiment import load_config
 from fedpers.payload import REJECTION_CODES, Reply, validate_reply
-from fedpers.server import _updates, state_is_finite
+from fedpers.rounds.server import _updates, state_is_finite
 from strategies import create_strategy, get_config_cls
 
 SPEC = {"delta/prompts": (2, 3), "delta/head.weight": (4, 3), "delta/head.bias": (4,)}

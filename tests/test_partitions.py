@@ -6,7 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from fedpers.config import PARTITIONERS, ConfigError, load_config
+from fedpers.config import PARTITIONERS, ConfigError
+
+from fedpers.experiment import load_config
 from fedpers.data import DataError, build_federated
 from fedpers.data.partition import _build_cached, enforce_min_size, required_size
 from fedpers.data.schemes import list_schemes
@@ -290,7 +292,8 @@ def test_every_simulation_saves_its_partition_report(tmp_path):
 
 
 def test_new_data_fields_survive_the_yaml_round_trip_flower_clients_use():
-    from fedpers.config import from_yaml, to_yaml
+    from fedpers.config import to_yaml
+    from fedpers.experiment import from_yaml
 
     cfg = load_config(None, ["data.partitioner.name=size", "data.partitioner.partition_sizes=[5,6,7,8,9,10,11,12,13,14]",
                              "data.shift.name=domain", "data.shift.transforms=[blur,invert]",

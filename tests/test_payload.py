@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fedpers.payload import Reply, serialized_nbytes, validate_reply
-from fedpers.server import collect
+from fedpers.rounds.server import collect
 from strategies import create_strategy, get_config_cls
 
 SPEC = {"delta/prompts": (2, 4)}

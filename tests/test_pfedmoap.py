@@ -4,8 +4,8 @@ never leaves it; the mixture follows the gate."""
 import numpy as np
 import torch
 
-from fedpers.config import load_config
-from fedpers.server import build_strategy, run_server
+from fedpers.experiment import load_config
+from fedpers.rounds.server import build_strategy, run_server
 from strategies import ClientUpdate, create_strategy, get_config_cls
 from strategies.pfedmoap import moe_logits
 from tests.conftest import tiny_overrides

@@ -7,7 +7,7 @@ import matplotlib
 import pytest
 from matplotlib.figure import Figure
 
-from fedpers import plotting
+from fedpers.results import plotting
 
 matplotlib.use("Agg")
 
@@ -47,7 +47,7 @@ def test_wilson_interval_contains_the_measured_accuracy_at_every_count():
 
 
 def test_per_client_plot_survives_perfect_and_zero_scores(tmp_path, saved):
-    from fedpers.results import plot_results
+    from fedpers.results.ledger import plot_results
 
     (tmp_path / "partitions").mkdir()
     (tmp_path / "partitions" / "partitions.json").write_text(json.dumps({"num_test": [6, 11, 21]}))
@@ -68,7 +68,7 @@ def test_categorical_colours_are_distinct_and_avoid_red_green_pairs():
 
 
 def test_result_plots_name_the_run_every_client_and_its_test_size(tmp_path, saved):
-    from fedpers.results import plot_results
+    from fedpers.results.ledger import plot_results
 
     (tmp_path / "partitions").mkdir()
     (tmp_path / "partitions" / "partitions.json").write_text(json.dumps({"num_test": [5, 200, 40]}))
@@ -90,7 +90,7 @@ def test_result_plots_name_the_run_every_client_and_its_test_size(tmp_path, save
 
 
 def test_partition_heatmap_has_a_labelled_colour_bar_and_named_clients(tmp_path, saved):
-    from fedpers.config import load_config
+    from fedpers.experiment import load_config
     from fedpers.data import build_federated
     from fedpers.data.stats import describe_setting, write_report
 
@@ -109,7 +109,7 @@ def test_partition_heatmap_has_a_labelled_colour_bar_and_named_clients(tmp_path,
 
 
 def test_sweep_scatter_legend_matches_its_points_and_accuracy_starts_at_zero(tmp_path, saved):
-    from fedpers.sweep import plot
+    from fedpers.sweep.cli import plot
 
     rows = [{"status": "ok", "partition": p, "strategy": s, "seed": seed, "accuracy_mean": acc,
              "bytes_per_round": b}

@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedpers import checkpoint, simulate
-from fedpers.config import load_config
-from fedpers.faults import FaultyTransport
+from fedpers import simulate
+
+from fedpers.results import checkpoint
+from fedpers.experiment import load_config
+from fedpers.rounds.faults import FaultyTransport
 from fedpers.payload import Reply
 from fedpers.safety import RunFailed, check_outcome
-from fedpers.server import build_strategy, run_server
+from fedpers.rounds.server import build_strategy, run_server
 from tests.conftest import tiny_overrides
 
 METRICS = {"train_loss": 0.5, "test_loss": 0.6, "test_accuracy": 0.5, "num_test": 4.0}
@@ -202,9 +204,9 @@ def test_claimed_num_examples_is_capped(tmp_path):
 
 
 def test_run_with_no_applied_round_exits_non_zero(tmp_path, monkeypatch, capsys):
-    import fedpers.engine
+    import fedpers.rounds.engine
 
-    real = fedpers.engine.InProcessTransport
+    real = fedpers.rounds.engine.InProcessTransport
 
     class AllRaise(FaultyTransport):
         def __init__(self, cfg):
@@ -213,7 +215,7 @@ def test_run_with_no_applied_round_exits_non_zero(tmp_path, monkeypatch, capsys)
         def close(self):
             self.inner.close()
 
-    monkeypatch.setattr(fedpers.engine, "InProcessTransport", AllRaise)
+    monkeypatch.setattr(fedpers.rounds.engine, "InProcessTransport", AllRaise)
     out = tmp_path / "dead"
     assert simulate.main(tiny_overrides(out, **{"run.rounds": 1})) == 1
     assert "no round was applied" in capsys.readouterr().err
@@ -230,7 +232,7 @@ def test_non_finite_final_metrics_fail_the_run():
 def test_oversize_drill_exceeds_the_default_upload_limit():
     """The drill must reach the size check with the default run.max_upload_mb, not fail on shape first."""
     from fedpers.config import RunConfig
-    from fedpers.faults import corrupt
+    from fedpers.rounds.faults import corrupt
     from fedpers.payload import validate_reply
 
     spec = {"delta/prompts": (10, 192)}

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedpers.config import ShiftConfig, load_config
+from fedpers.config import ShiftConfig
+
+from fedpers.experiment import load_config
 from fedpers.data import build_federated
 from fedpers.data.partition import _build_cached
 from fedpers.data.shift import TRANSFORMS, apply_domain, domain_params, label_map

@@ -12,7 +12,7 @@ from tests.conftest import tiny_overrides
 
 def majority_class_accuracy(out) -> float:
     """Mean over clients of the accuracy of always predicting the client's most frequent training label."""
-    from fedpers.config import from_yaml
+    from fedpers.experiment import from_yaml
     from fedpers.data import build_federated
 
     cfg = from_yaml((out / "config.yaml").read_text())

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from fedpers import stats_report as sr
-from fedpers.sweep import write_table
+from fedpers.sweep import stats as sr
+from fedpers.sweep.cli import write_table
 
 
 def test_ci_brackets_the_estimate_and_shrinks_with_more_clients():

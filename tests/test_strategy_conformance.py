@@ -8,8 +8,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fedpers.engine import InProcessTransport
-from fedpers.server import build_strategy, run_server, split_clients
+from fedpers.rounds.engine import InProcessTransport
+from fedpers.experiment import split_clients
+from fedpers.rounds.server import build_strategy, run_server
 from strategies import get_strategy_class, list_strategies
 
 
@@ -50,7 +51,7 @@ def run(cfg):
 
 @pytest.fixture(scope="module", params=_cases(), ids=lambda c: "-".join(c))
 def two_rounds(request, tmp_path_factory):
-    from fedpers.config import load_config
+    from fedpers.experiment import load_config
     from tests.conftest import text_tiny_overrides, tiny_overrides
 
     name, adapter = request.param

@@ -10,9 +10,9 @@ import torch
 
 from fedpers import client as client_mod
 from fedpers.client import local_budget, make_context
-from fedpers.config import load_config
-from fedpers.engine import InProcessTransport
-from fedpers.server import build_strategy, run_server
+from fedpers.experiment import load_config
+from fedpers.rounds.engine import InProcessTransport
+from fedpers.rounds.server import build_strategy, run_server
 from strategies import ClientUpdate, create_strategy, get_config_cls, get_strategy_class
 from strategies._avg import PERSONAL
 from tests.conftest import text_tiny_overrides, tiny_overrides

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedpers.config import ConfigError, load_config
-from fedpers.engine import InProcessTransport
-from fedpers.server import build_strategy, run_server
+from fedpers.config import ConfigError
+
+from fedpers.experiment import load_config
+from fedpers.rounds.engine import InProcessTransport
+from fedpers.rounds.server import build_strategy, run_server
 from strategies import ClientUpdate, create_strategy, get_config_cls
 from tests.conftest import tiny_overrides
 

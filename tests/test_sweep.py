@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpers import sweep
+from fedpers.sweep import cli as sweep
 from fedpers.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,8 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from fedpers import sweep, sweep_exec, sweep_ray
-from fedpers.config import ConfigError, load_config
+from fedpers.sweep import cli as sweep
+
+from fedpers.sweep import local as sweep_exec
+
+from fedpers.sweep import ray_cluster as sweep_ray
+from fedpers.config import ConfigError
+from fedpers.experiment import load_config
 
 SMALL = """
 base:

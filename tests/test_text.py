@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fedpers import simulate
-from fedpers.config import ConfigError, load_config
+from fedpers.config import ConfigError
+from fedpers.experiment import load_config
 from tests.conftest import text_tiny_overrides, tiny_overrides
 
 SENTENCES = ["the match was great", "a new phone update", "pizza at the local diner", "a trip to the beach"]

@@ -1,10 +1,11 @@
-"""The torch thread policy (fedpers.threads): who decides, the auto rule, and the busy-core arithmetic."""
+"""The torch thread policy (fedpers.rounds.threads): who decides, the auto rule, and the busy-core arithmetic."""
 
 import pytest
 import torch
 
-from fedpers import threads
-from fedpers.config import ConfigError, load_config
+from fedpers.rounds import threads
+from fedpers.config import ConfigError
+from fedpers.experiment import load_config
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +64,7 @@ def test_policy_follows_the_load_between_rounds_when_auto(monkeypatch):
 
 
 def test_fast_engine_applies_run_threads(tmp_path):
-    from fedpers.engine import InProcessTransport
+    from fedpers.rounds.engine import InProcessTransport
     from tests.conftest import tiny_overrides
 
     for n in (1, 2):

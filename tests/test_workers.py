@@ -20,7 +20,7 @@ def cell(path):
 DRIVER = """import sys
 sys.path.insert(0, {tmp!r})
 import slowcell
-from fedpers.sweep_exec import run_local
+from fedpers.sweep.local import run_local
 run_local([(0, {a!r}), (1, {b!r})], 2, lambda *a: None, slowcell.cell)
 """
 
@@ -66,7 +66,7 @@ def test_sweep_workers_stop_when_the_driver_is_killed(tmp_path, sig):
 
 
 def test_watch_parent_leaves_a_worker_alone_while_its_parent_lives():
-    from fedpers.workers import watch_parent
+    from fedpers.rounds.workers import watch_parent
 
     t = watch_parent(os.getppid(), every_s=0.01)
     time.sleep(0.1)

@@ -14,15 +14,16 @@ _EXPORTS = {
     "DataError": "fedpers.data.partition",
     "FederatedData": "fedpers.data.partition",
     "build_federated": "fedpers.data.partition",
-    "get_dataset_info": "fedpers.data.datasets",
-    "list_datasets": "fedpers.data.datasets",
-    "register_dataset": "fedpers.data.datasets",
+    "get_dataset_info": "fedpers.data.catalog",
+    "list_datasets": "fedpers.data.catalog",
+    "register_dataset": "fedpers.data.registry",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from fedpers.data.datasets import get_dataset_info, list_datasets, register_dataset
+    from fedpers.data.catalog import get_dataset_info, list_datasets
+    from fedpers.data.registry import register_dataset
     from fedpers.data.partition import ClientData, DataError, FederatedData, build_federated
 
 

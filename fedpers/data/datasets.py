@@ -8,9 +8,6 @@ instead; the default works offline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 
 # Fraction of scikit-learn's digits reserved as *unlabelled* source data for pretraining the default
@@ -20,36 +17,7 @@ DIGITS_SOURCE_FRACTION = 0.25
 _DIGITS_SPLIT_SEED = 0
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    num_classes: int
-    image_shape: tuple[int, int, int]
-    loader: Callable[[], "object"]
-    description: str
-    modality: str = "vision"  # vision: ``image`` column; text: ``text`` column (and optional ``user``)
-
-
-_REGISTRY: dict[str, DatasetInfo] = {}
-
-
-def register_dataset(name: str, num_classes: int, image_shape: tuple[int, ...], description: str,
-                     modality: str = "vision"):
-    def deco(fn):
-        _REGISTRY[name] = DatasetInfo(name, num_classes, image_shape, fn, description, modality)
-        return fn
-
-    return deco
-
-
-def list_datasets() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_dataset_info(name: str) -> DatasetInfo:
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown dataset {name!r}; allowed: {', '.join(list_datasets())}")
-    return _REGISTRY[name]
+from fedpers.data.registry import register_dataset
 
 
 def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -211,4 +179,3 @@ def load_fonts(path: str | None = None):
 
 # The text datasets register themselves on import; importing them here (after the registry exists) means
 # every path to the registry sees them, whether or not the fedpers.data package exports were touched.
-from fedpers.data import text as _text  # noqa: F401

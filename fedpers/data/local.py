@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fedpers.data.config import DataConfig
-from fedpers.data.datasets import get_dataset_info
+from fedpers.data.catalog import get_dataset_info
 from fedpers.data.partition import ClientData, DataError, _num_test
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fedpers.data.config import DataConfig, PartitionerConfig
-from fedpers.data.datasets import get_dataset_info
+from fedpers.data.catalog import get_dataset_info
 
 log = logging.getLogger("fedpers")
 _ROW = "_fedpers_row"

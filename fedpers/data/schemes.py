@@ -157,7 +157,7 @@ def _require(ok: bool, field_name: str, message: str) -> None:
 
 def validate_data(cfg: ExperimentConfig) -> None:
     """Checks of the ``data`` section that need the dataset's class count or the scheme registry."""
-    from fedpers.data.datasets import get_dataset_info
+    from fedpers.data.catalog import get_dataset_info
     from fedpers.data.shift import TRANSFORMS
 
     d, p, s = cfg.data, cfg.data.partitioner, cfg.data.shift

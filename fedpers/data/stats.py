@@ -133,7 +133,7 @@ def plot_report(fed: FederatedData, out: Path, title: str, rep: dict | None = No
     # falls back to Agg where there is no display.
     import matplotlib.pyplot as plt
 
-    from fedpers.plotting import categorical
+    from fedpers.results.plotting import categorical
 
     rep = rep or report(fed)
     counts = np.asarray(rep["label_counts"], dtype=float)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedpers.data.datasets import register_dataset
+from fedpers.data.registry import register_dataset
 
 TOPICS = ("sports", "technology", "food", "travel")
 # Per topic, words in two registers: feature shift between users comes from which register they use.

@@ -18,8 +18,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedpers.config import ConfigError, ExperimentConfig, from_layers, from_yaml, to_yaml
-from fedpers.faults import ENV_VAR, MALFORMED, InjectedFault, corrupt, env_fault
+from fedpers.config import ConfigError, ExperimentConfig, to_yaml
+
+from fedpers.experiment import from_layers, from_yaml
+from fedpers.rounds.faults import ENV_VAR, MALFORMED, InjectedFault, corrupt, env_fault
 from fedpers.flower import node_state
 from fedpers.payload import Failure, Reply
 
@@ -175,7 +177,7 @@ def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = N
     def main(grid: Grid, context: Context) -> None:
         try:
             from fedpers import safety
-            from fedpers.server import run_server
+            from fedpers.rounds.server import run_server
 
             c = cfg if cfg is not None else config_from_run_config(context.run_config)
             if cfg is None:  # deployment: the checks simulate.run makes before a simulation
@@ -247,7 +249,7 @@ def _data_problem(context: Context) -> str:
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    from fedpers.rounds import client_round  # here, not at import: node discovery needs no torch
+    from fedpers.rounds.client_round import client_round  # here, not at import: node discovery needs no torch
     from fedpers.dp import device_floor
 
     # The device's DP settings (node config) can only tighten what the server asked for.

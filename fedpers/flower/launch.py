@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_intermixed_args(argv)
     if not args.no_check:
-        from fedpers.config import ConfigError, load_config
+        from fedpers.config import ConfigError
+        from fedpers.experiment import load_config
 
         try:
             local = Path(args.app) / args.config if args.config and not Path(args.config).is_file() else args.config

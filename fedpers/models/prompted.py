@@ -103,7 +103,7 @@ class PromptedViT(nn.Module):
 
     def features_per_row(self, tokens: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """Shallow prompts, one set per row: prompts (N, K, D). Clients with different prompts then share
-        one forward/backward pass (``fedpers.batched``); per row it is :meth:`features` (K, D)."""
+        one forward/backward pass (``fedpers.rounds.batched``); per row it is :meth:`features` (K, D)."""
         k, vit = self.num_prefix, self.vit
         x = vit.norm_pre(torch.cat([tokens[:, :k], prompts, tokens[:, k:]], dim=1))
         x = vit.norm(vit.blocks(x))

@@ -1,7 +1,7 @@
 """A sweep's cells as Ray tasks on an existing cluster (``python -m fedpers.sweep GRID --ray-address A``).
 
 Each cell is one task that reserves ``--cell-cpus`` CPUs (its torch threads) and ``--cell-gpus`` GPUs and
-runs :func:`fedpers.sweep_exec.run_cell` on the node Ray picks, in the driver's working directory.
+runs :func:`fedpers.sweep.cells.run_cell` on the node Ray picks, in the driver's working directory.
 Results land in the cell's folder under its absolute path, which works with or without a shared file
 system:
 
@@ -41,7 +41,7 @@ def _cell_task(cfg_yaml: str, out: str, marker: str, threads: int, cwd: str) -> 
     driver compares against to skip finished cells."""
     import torch
 
-    from fedpers.sweep_exec import run_cell
+    from fedpers.sweep.cells import run_cell
 
     torch.set_num_threads(threads)
     before = os.getcwd()

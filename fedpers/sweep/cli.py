@@ -24,30 +24,22 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from fedpers.config import ConfigError, ExperimentConfig, from_layers, from_yaml, to_yaml
-from fedpers.sweep_exec import run_grid  # the executors live there; run_grid stays importable from here
-from fedpers.stats_report import REFERENCE
-from fedpers.sweep_report import COLUMNS, plot, write_csv, write_table  # noqa: F401  (the report lives there)
+from fedpers.config import ConfigError
+
+from fedpers.experiment import from_layers
+from fedpers.sweep.cells import Cell, is_done, row_of  # noqa: F401  (re-exported: the grid's cells)
+from fedpers.sweep.local import run_grid  # the executors live there; run_grid stays importable from here
+from fedpers.sweep.stats import REFERENCE
+from fedpers.sweep.report import COLUMNS, plot, write_csv, write_table  # noqa: F401  (the report lives there)
 
 log = logging.getLogger("fedpers")
 
 
-@dataclass
-class Cell:
-    partition: str
-    strategy: str
-    seed: int
-    cfg: ExperimentConfig
-
-    @property
-    def out(self) -> Path:
-        return Path(self.cfg.run.output_dir)
 
 
 def nest(flat: dict) -> dict:
@@ -161,43 +153,6 @@ def _deep(a: dict, b: dict) -> dict:
     return out
 
 
-def is_done(cell: Cell) -> bool:
-    """Finished with the same resolved config (a changed grid re-runs the cells it changed). A config
-    saved before a field existed counts as having that field's default, so adding a config field to
-    fedpers does not re-run a finished grid; a cell that now sets it to another value does re-run."""
-    summary, saved = cell.out / "summary.json", cell.out / "config.yaml"
-    if not (summary.is_file() and saved.is_file()):
-        return False
-    text, now = saved.read_text(), to_yaml(cell.cfg)
-    if text == now:
-        return True
-    try:
-        return to_yaml(from_yaml(text)) == now
-    except ConfigError:  # a field it set no longer exists (or no longer validates)
-        return False
-
-
-def row_of(cell: Cell, status: str, error: str = "") -> dict:
-    row = {"partition": cell.partition, "strategy": cell.strategy, "seed": cell.seed, "status": status,
-           "output_dir": str(cell.out), "error": error}
-    if status == "ok":
-        s = json.loads((cell.out / "summary.json").read_text())
-        f = s["final"]
-        row.update({
-            "accuracy_mean": f["accuracy_mean"],
-            "accuracy_worst10": f["accuracy_worst10"],
-            "unseen_accuracy_mean": f.get("unseen_accuracy_mean"),
-            "cross_eval_gap": (f.get("cross_eval") or {}).get("gap"),  # run.cross_eval: own - others accuracy
-            "params_per_round": s["params"]["down_per_client_round"] + s["params"]["up_per_client_round"],
-            "bytes_per_round": s["bytes"]["down_per_client_round"] + s["bytes"]["up_per_client_round"],
-            "rounds": s["rounds"],
-            # optimizer steps per client per round (absent from summaries written before it was recorded)
-            "local_steps": (s.get("local_steps") or {}).get("per_client_round"),
-            "wall_time_s": s["wall_time_s"],
-        })
-    return row
-
-
 def execution_flags(args) -> dict | None:
     """Check --jobs / --ray-address / --cell-cpus / --cell-gpus; the Ray settings, or None for local."""
     if args.jobs is not None and args.jobs < 1:
@@ -260,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_csv(rows, out_dir / "runs.csv")
     else:
-        from fedpers.sweep_ray import RayClusterError
+        from fedpers.sweep.ray_cluster import RayClusterError
 
         try:
             rows = run_grid(out_dir, cells, progress=not args.no_progress, jobs=args.jobs, ray=ray)
@@ -271,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{Path(args.grid).name}: {len(cells)} cells"
     print(write_table(rows, out_dir / "table.md", title, reference))
     plot(rows, out_dir / "plots")
-    from fedpers.stats_report import plot as plot_ci
+    from fedpers.sweep.stats import plot as plot_ci
 
     plot_ci(rows, out_dir / "plots", reference)
     failed = sum(r["status"] != "ok" for r in rows)

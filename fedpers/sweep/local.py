@@ -1,7 +1,7 @@
 """How a sweep's cells run: one after the other here, in local worker processes (``--jobs``), or as Ray
-tasks on an existing cluster (``--ray-address``, see :mod:`fedpers.sweep_ray`).
+tasks on an existing cluster (``--ray-address``, see :mod:`fedpers.sweep.ray_cluster`).
 
-Every executor runs the same function on a cell (:func:`run_cell`: the cell's resolved config as YAML in,
+Every executor runs the same function on a cell (:func:`fedpers.sweep.cells.run_cell`: the cell's resolved config as YAML in,
 ``(status, error)`` out) and writes into the cell's own folder, so the rows, ``runs.csv`` and
 ``table.md`` are built by the driver from the ``summary.json`` files exactly as for a sequential sweep.
 A cell that raises is recorded as failed with its error and the others go on.
@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import traceback
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from fedpers.workers import sigterm_raises, watch_parent
+from fedpers.rounds.workers import sigterm_raises, watch_parent
+from fedpers.sweep.cells import is_done, row_of, run_cell
 
 log = logging.getLogger("fedpers")
 
@@ -38,20 +38,6 @@ def threads_per_job(jobs: int) -> int:
     if cap.isdigit() and int(cap) >= 1:
         n = min(n, int(cap))
     return n
-
-
-def run_cell(cfg_yaml: str) -> tuple[str, str]:
-    """Run one cell in this process; ``("ok", "")`` or ``("failed", "Type: message")``. The config travels
-    as YAML and is validated again here, so a worker whose fedpers or data differs fails loudly."""
-    from fedpers import simulate
-    from fedpers.config import from_yaml
-
-    try:
-        simulate.run(from_yaml(cfg_yaml), overwrite=True)  # an unfinished cell's folder is the grid's to redo
-        return "ok", ""
-    except Exception as e:  # noqa: BLE001  (one broken cell must not lose the grid; its reason is recorded)
-        traceback.print_exc()
-        return "failed", f"{type(e).__name__}: {e}"
 
 
 def _init_worker(threads: int, parent_pid: int | None = None) -> None:
@@ -145,7 +131,7 @@ def run_grid(out_dir: Path, cells: list, progress: bool = True, jobs: int | None
     """Run the unfinished cells and return one row per cell (in grid order). ``jobs``: local worker
     processes (None = one per core); ``ray``: ``{"address", "cpus", "gpus"}`` runs them on a Ray cluster."""
     from fedpers.config import to_yaml
-    from fedpers.sweep import is_done, row_of, write_csv
+    from fedpers.sweep.report import write_csv
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[int, dict] = {}
@@ -175,7 +161,7 @@ def run_grid(out_dir: Path, cells: list, progress: bool = True, jobs: int | None
         if not work:
             pass
         elif ray is not None:
-            from fedpers.sweep_ray import run_ray
+            from fedpers.sweep.ray_cluster import run_ray
 
             run_ray(work, {i: cells[i].out for i in todo}, out_dir, done, **ray)
         else:

@@ -15,11 +15,11 @@ from typing import Protocol
 
 import numpy as np
 
-from fedpers.config import ExperimentConfig, RunConfig, holdout_count
-from fedpers.models.backbones import feature_dim
+from fedpers.config import ExperimentConfig
+from fedpers.experiment import split_clients
 from fedpers.payload import Failure, Reply, serialized_nbytes, validate_reply
-from fedpers.results import Ledger
-from strategies import ClientUpdate, Strategy, create_strategy
+from fedpers.results.ledger import Ledger
+from strategies import ClientUpdate, Strategy
 
 log = logging.getLogger("fedpers")
 
@@ -39,35 +39,11 @@ def sample_clients(seed: int, server_round: int, num_clients: int, per_round: in
     return sorted(int(i) for i in rng.choice(num_clients, size=per_round, replace=False))
 
 
-def split_clients(r: RunConfig) -> tuple[list[int], list[int]]:
-    """(training, held-out) partition ids; the held-out ones are a seeded draw, so every strategy and
-    engine holds out the same clients for a given seed."""
-    n_hold = holdout_count(r)
-    if n_hold == 0:
-        return list(range(r.num_clients)), []
-    rng = np.random.default_rng([r.seed, 0x401D])
-    held = sorted(int(i) for i in rng.choice(r.num_clients, size=n_hold, replace=False))
-    return [i for i in range(r.num_clients) if i not in held], held
-
-
 def build_strategy(cfg: ExperimentConfig) -> Strategy:
-    from fedpers.client import backbone_tensors, client_tensor_shapes
-    from fedpers.data.datasets import get_dataset_info
-    from strategies import get_strategy_class
+    """A fresh server-side strategy for ``cfg`` (:meth:`fedpers.experiment.Experiment.new_strategy`)."""
+    from fedpers.experiment import build
 
-    num_classes = get_dataset_info(cfg.data.dataset).num_classes
-    shapes = client_tensor_shapes(cfg, num_classes, feature_dim(cfg.model))
-    extra = {}
-    if get_strategy_class(cfg.strategy.name).trains_backbone:  # the server starts from the pretrained weights
-        extra["backbone_state"] = {k: v.numpy() for k, v in backbone_tensors(cfg).items()}
-    return create_strategy(
-        cfg.strategy,
-        num_clients=cfg.run.num_clients,
-        shapes=shapes,
-        seed=cfg.run.seed,
-        init_std=cfg.model.prompt_init_std,
-        **extra,
-    )
+    return build(cfg).new_strategy()
 
 
 def collect(
@@ -105,7 +81,8 @@ def run_server(cfg: ExperimentConfig, transport: Transport, strategy: Strategy |
     With ``run.resume`` the loop starts after the round stored in ``<output_dir>/checkpoint.pt``, with
     the strategy, ledger, RNG and (if the transport exports them) client states restored.
     """
-    from fedpers import checkpoint, dp
+    from fedpers import dp
+    from fedpers.results import checkpoint
 
     strategy = strategy or build_strategy(cfg)
     r = cfg.run
@@ -158,7 +135,7 @@ def run_server(cfg: ExperimentConfig, transport: Transport, strategy: Strategy |
 
 
 def _cross_eval(cfg: ExperimentConfig, transport: Transport, train_ids: list[int]) -> dict:
-    from fedpers import cross_eval
+    from fedpers.results import cross_eval
 
     result = cross_eval.run(cfg, transport, train_ids, cfg.run.rounds + cfg.run.unseen_rounds + 1)
     cross_eval.write(result, Path(cfg.run.output_dir), cfg.strategy.name)

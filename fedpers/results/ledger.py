@@ -84,7 +84,7 @@ class Ledger:
         self.t0 = time.perf_counter() - (self.rows[-1]["wall_time_s"] if self.rows else 0.0)
         self.tb = None
         if cfg.run.tensorboard:
-            from fedpers.tracking import TensorBoardLog
+            from fedpers.results.tracking import TensorBoardLog
 
             self.tb = TensorBoardLog(self.out, first_round=len(rows) + 1)
 
@@ -146,7 +146,7 @@ class Ledger:
         self.unseen = result
 
     def record_cross_eval(self, result: dict) -> None:
-        """Summary of the cross-evaluation (``fedpers.cross_eval.summarize``)."""
+        """Summary of the cross-evaluation (``fedpers.results.cross_eval.summarize``)."""
         self.cross_eval = result
 
     def finish(self, extra: dict | None = None) -> dict:
@@ -223,7 +223,7 @@ def plot_results(rows: list[dict], summary: dict, out: Path, setting: str | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fedpers.plotting import TOL_MUTED, integer_ticks, wilson
+    from fedpers.results.plotting import TOL_MUTED, integer_ticks, wilson
 
     setting = setting or f"{summary['partitioner']}, seed {summary.get('seed')}"
     title = f"{summary['strategy']} on {summary['dataset']}, {setting}"

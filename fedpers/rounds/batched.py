@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedpers import cache
+from fedpers.models import cache
 from fedpers.client import ClientContext, finish, start_tensors
 from fedpers.payload import Reply
 from strategies import Strategy

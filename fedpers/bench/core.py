@@ -20,23 +20,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fedpers import bench_support as bs
-from fedpers.bench_sweep import p7_sweep
+from fedpers.bench import support as bs
+from fedpers.bench.sweep_figure import p7_sweep
 
 # --quick: 3 of 30 small clients (~35 samples each), one local epoch: each part takes seconds.
 QUICK = ["run.num_clients=30", "run.clients_per_round=3", "client.local_epochs=1", "data.partitioner.alpha=1.0"]
 
 
 def cfg_of(overrides: list[str], out: Path):
-    from fedpers.config import load_config
+    from fedpers.experiment import load_config
 
     return load_config(None, [*overrides, "run.progress=false", f"run.output_dir={out}"])
 
 
 def fast_rounds(overrides: list[str], out: Path, rounds: int) -> list[dict]:
     """The metrics rows of a fast-engine run in this process (``round_time_s`` = server + clients)."""
-    from fedpers.engine import InProcessTransport
-    from fedpers.server import run_server
+    from fedpers.rounds.engine import InProcessTransport
+    from fedpers.rounds.server import run_server
 
     cfg = cfg_of(["run.engine=fast", *overrides, f"run.rounds={rounds}"], out)
     run_server(cfg, InProcessTransport(cfg))
@@ -183,7 +183,7 @@ def p5_bytes(tmp: Path) -> dict:
     from fedpers.client import client_tensor_shapes
     from fedpers.models.prompted import backbone_from_config
     from fedpers.payload import serialized_nbytes
-    from fedpers.server import build_strategy
+    from fedpers.rounds.server import build_strategy
 
     cfg = cfg_of(["run.engine=fast"], tmp / "p5")
     strategy = build_strategy(cfg)
@@ -203,7 +203,7 @@ def p5_bytes(tmp: Path) -> dict:
 
 def p6_cache(quick: bool, tmp: Path) -> dict:
     """Cached vs uncached local updates, per strategy kind, warm process (second pass)."""
-    from fedpers import cache
+    from fedpers.models import cache
     from fedpers.client import evaluate, fit, make_context, start_tensors
 
     pids, base = ([0, 1], QUICK) if quick else (list(range(5)), [])

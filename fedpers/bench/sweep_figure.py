@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from fedpers import bench_support as bs
-from fedpers.sweep_exec import available_cores
+from fedpers.bench import support as bs
+from fedpers.sweep.local import available_cores
 
 # Cells of about ten seconds on an idle core (digits, 10 clients, 3 rounds), two per worker: a worker's
 # start (imports: ~3 s idle, 15 s on a loaded machine) is paid once per worker, while a sequential sweep pays

@@ -6,10 +6,10 @@ as Flower keeps it in each node's context, and holds only the small personal ten
 the frozen backbone are loaded once per process and indexed per client (as in every engine).
 
 Speed comes from what it does not do (per-message machinery), from the exact caches in
-``fedpers.cache`` (shared with the Flower engine's workers), with ``run.workers=N`` from training a
+``fedpers.models.cache`` (shared with the Flower engine's workers), with ``run.workers=N`` from training a
 round's clients in N processes (each with its share of the cores: small clients cannot keep many
 threads busy in one forward pass), and with ``run.batch_clients`` from training a round's clients
-together (``fedpers.batched``; meant for GPUs).
+together (``fedpers.rounds.batched``; meant for GPUs).
 
 With workers, client state still lives here and travels with each call (it is only the personal
 tensors); each worker loads the data and the backbone once and keeps its own exact caches. When a
@@ -33,9 +33,9 @@ from fedpers.client import make_context
 from fedpers.config import ExperimentConfig
 from fedpers.dp import privatize_reply
 from fedpers.payload import Failure, Reply
-from fedpers.rounds import client_round
-from fedpers.threads import ThreadPolicy, torch_threads
-from fedpers.workers import watch_parent
+from fedpers.rounds.client_round import client_round
+from fedpers.rounds.threads import ThreadPolicy, torch_threads
+from fedpers.rounds.workers import watch_parent
 from strategies import get_strategy_class
 
 log = logging.getLogger("fedpers")
@@ -51,7 +51,7 @@ class InProcessTransport:
         self.threads = ThreadPolicy(cfg.run.threads) if cfg.run.workers == 1 else None
 
     def exchange(self, server_round: int, payloads: dict[int, dict[str, np.ndarray]], timeout: float):
-        from fedpers import cross_eval
+        from fedpers.results import cross_eval
 
         if cross_eval.is_control(payloads):  # evaluation only: no batched training path applies
             return {pid: self._one(server_round, pid, arrays) for pid, arrays in payloads.items()}
@@ -126,7 +126,7 @@ class InProcessTransport:
         return reply
 
     def _exchange_batched(self, server_round: int, payloads: dict[int, dict[str, np.ndarray]]):
-        from fedpers import batched
+        from fedpers.rounds import batched
 
         strategy_cls = get_strategy_class(self.cfg.strategy.name)
         pids = sorted(payloads)

@@ -23,7 +23,7 @@ def client_round(
     data: ClientData | None = None,
 ) -> tuple[Reply, dict[str, np.ndarray]]:
     """``data``: the device's own data (deployment); None = this partition of the simulated federation."""
-    from fedpers import cross_eval
+    from fedpers.results import cross_eval
 
     strategy_cls = get_strategy_class(cfg.strategy.name)
     ctx = make_context(cfg, partition_id, server_round, data)

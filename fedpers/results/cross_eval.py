@@ -25,24 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpers.client import CROSS_EVAL_STASH as STASH  # the client keeps its model under these keys
 from fedpers.payload import DTYPE, Reply
 
 log = logging.getLogger("fedpers")
 
 CONTROL = "cross_eval/op"  # payload key marking a cross-evaluation message (never a client tensor name)
-STASH = "cross_eval/"  # state prefix of the model a client last evaluated itself with
 MODEL = "model/"  # evaluate payload: model/<partition id>/<tensor name>
 UPLOAD, EVALUATE = 1.0, 2.0
 
 
 def is_control(payloads: dict[int, dict[str, np.ndarray]]) -> bool:
     return any(CONTROL in a for a in payloads.values())
-
-
-def stash(state: dict[str, np.ndarray], model: dict) -> None:
-    """Keep the tensors a client just evaluated itself with, for the upload exchange."""
-    for k, v in model.items():
-        state[STASH + k] = np.asarray(v.detach().numpy() if hasattr(v, "detach") else v, dtype=DTYPE).copy()
 
 
 def client_op(ctx, strategy_cls, received: dict[str, np.ndarray], state: dict[str, np.ndarray]) -> Reply:

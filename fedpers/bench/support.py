@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 MICRO_BACKBONE = "vit_fedpers_bench_micro"
@@ -99,7 +98,9 @@ def run_child(module_args: list[str], timeout_s: float = 1800.0) -> dict:
 def register_synthetic(num_images: int) -> str:
     """A class-conditional 8x8 image dataset of ``num_images`` (prototype + noise), registered in this
     process only: the memory benchmark needs ~20 samples for each of 1,000 clients (digits has 1,348)."""
-    from fedpers.data.datasets import _to_hf, list_datasets, make_synthetic_images, register_dataset
+    from fedpers.data.catalog import list_datasets
+    from fedpers.data.datasets import _to_hf, make_synthetic_images
+    from fedpers.data.registry import register_dataset
 
     name = f"bench_synthetic_{num_images}"
     if name in list_datasets():
@@ -131,12 +132,12 @@ def register_micro_backbone() -> str:
 
 
 def memory_child(num_clients: int, rounds: int) -> dict:
-    """Entry of ``fedpers.bench --memory-child N R``: a fast-engine run of N clients x R rounds (all
+    """Entry of ``fedpers.bench.core --memory-child N R``: a fast-engine run of N clients x R rounds (all
     clients every round) on synthetic data (~20 samples per client) with the micro backbone; RSS after
     every round from /proc."""
-    from fedpers.config import load_config
-    from fedpers.engine import InProcessTransport
-    from fedpers.server import run_server
+    from fedpers.experiment import load_config
+    from fedpers.rounds.engine import InProcessTransport
+    from fedpers.rounds.server import run_server
 
     dataset = register_synthetic(20 * num_clients)
     backbone = register_micro_backbone()
@@ -210,7 +211,7 @@ def prompts_from_layer(model, layer: int):
 
     Stands in for the deep-prompt models of the strategy zoo to show and measure the token cache's
     hook: ``embed`` returns everything below the first prompted layer (here ``blocks[:layer]``), so
-    ``fedpers.cache`` keeps those activations with no change of its own."""
+    ``fedpers.models.cache`` keeps those activations with no change of its own."""
     from fedpers.models.prompted import PromptedViT
 
     class PromptedFromLayer(PromptedViT):

@@ -1,5 +1,5 @@
 """The sweep's report: ``runs.csv``, ``table.md`` (pivots, per-setting tables, confidence intervals and
-paired differences from :mod:`fedpers.stats_report`) and ``plots/*.png``, built from the cells' rows."""
+paired differences from :mod:`fedpers.sweep.stats`) and ``plots/*.png``, built from the cells' rows."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def write_table(rows: list[dict], path: Path, title: str, reference: str | None 
                          f"{_sci(float(np.mean([r['bytes_per_round'] for r in rs])))} | "
                          f"{_fmt([r.get('local_steps') for r in rs], pct=False)} |")
         lines.append("")
-    from fedpers.stats_report import REFERENCE, sections  # CIs and paired differences over per-client results
+    from fedpers.sweep.stats import REFERENCE, sections  # CIs and paired differences over per-client results
 
     lines += sections(rows, reference or REFERENCE)
     failed = [r for r in rows if r["status"] != "ok"]
@@ -100,7 +100,7 @@ def plot(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fedpers.plotting import TOL_MUTED, categorical
+    from fedpers.results.plotting import TOL_MUTED, categorical
 
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:

@@ -1,0 +1,5 @@
+import sys
+
+from fedpers.bench.core import main
+
+sys.exit(main())

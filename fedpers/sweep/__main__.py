@@ -1,0 +1,5 @@
+import sys
+
+from fedpers.sweep.cli import main
+
+sys.exit(main())
