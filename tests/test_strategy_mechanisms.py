@@ -136,8 +136,10 @@ def test_apfl_client_adapts_and_keeps_its_own_alpha(tmp_path):
 @pytest.mark.slow
 def test_apfl_fixed_limits_are_fedavg_ft_and_local_on_half_the_budget(tmp_path):
     """apfl_fixed trains w on the first half of the budget, then v; at alpha = 0 it is fedavg_ft with half
-    the epochs (same batches, same global model), at alpha = 1 it is local training with half the epochs."""
-    s0, a0, _ = run(cfg_for(tmp_path, "apfl_fixed", **{"strategy.alpha": 0.0, "client.local_epochs": 2}))
+    the epochs (same batches, same global model; with fedavg_ft's example-weighted average, apfl_fixed's
+    default being APFL's uniform one), at alpha = 1 it is local training with half the epochs."""
+    s0, a0, _ = run(cfg_for(tmp_path, "apfl_fixed", **{"strategy.alpha": 0.0, "client.local_epochs": 2,
+                                                       "strategy.weighting": "num_examples"}))
     s_ft, ft, _ = run(cfg_for(tmp_path, "fedavg_ft", **{"client.local_epochs": 1}))
     assert s0["final"]["per_client"] == s_ft["final"]["per_client"]
     for k, v in ft.global_tensors.items():
