@@ -238,9 +238,9 @@ def test_hetlora_server_takes_reported_ranks_and_never_grows_them():
     assert fresh.rank_of(0) == 3
 
 
-@pytest.mark.parametrize("lam, threshold, prunes", [(1.0, 1.0, True), (0.0, 0.0, False)])
-def test_hetlora_client_self_prunes_its_trailing_rank_components(tmp_path, lam, threshold, prunes):
-    from strategies.hetlora import kept_rank
+def hetlora_client(tmp_path, lam, threshold):
+    """One rank-8 client round from factors as a later round sends them (B no longer zero, so the trailing
+    components have a norm). Returns (reply, received, trained factors, kept rank k, module pairs)."""
     from strategies.lora_common import lora_a, lora_b
 
     cfg = cfg_for(tmp_path, "hetlora", text=True, **{
@@ -248,13 +248,43 @@ def test_hetlora_client_self_prunes_its_trailing_rank_components(tmp_path, lam, 
         "strategy.prune_threshold": threshold})
     ctx = make_context(cfg, 0, 2)
     rng = np.random.default_rng(0)
-    # factors as a later round sends them: B no longer zero, so the trailing components have a norm
     received = {k: (rng.standard_normal(v.shape) * 0.1).astype(np.float32)
                 for k, v in build_strategy(cfg).configure(2, [0])[0].items()}
     reply, _ = get_strategy_class("hetlora").client_update(ctx, received, {})
-    k = kept_rank(8, cfg.strategy.prune_gamma)
-    assert reply.metrics["rank"] == (k if prunes else 8)
-    for name in lora_a(ctx.shapes) + lora_b(ctx.shapes):
-        trained = received[name] + reply.arrays[f"delta/{name}"]
-        tail = trained[k:] if "lora_A" in name else trained[:, k:]
-        assert (np.abs(tail).max() == 0) == prunes  # a pruned module carries no trailing components
+    trained = {k: torch.from_numpy(received[k] + reply.arrays[f"delta/{k}"]) for k in received}
+    from strategies.hetlora import kept_rank
+
+    return reply, received, trained, kept_rank(8, cfg.strategy.prune_gamma), list(zip(lora_a(ctx.shapes), lora_b(ctx.shapes)))
+
+
+def test_hetlora_penalty_alone_shrinks_the_trailing_components(tmp_path):
+    """Penalty on, threshold off (0: nothing is ever pruned): the same round with the penalty ends with
+    smaller trailing components than without it, and nothing is pruned."""
+    from strategies.hetlora import trailing_norm
+
+    norms = {}
+    for lam in (0.0, 1.0):
+        reply, _, trained, k, pairs = hetlora_client(tmp_path, lam, 0.0)
+        assert reply.metrics["rank"] == 8  # the threshold is off: no pruning, whatever the penalty did
+        norms[lam] = float(trailing_norm(trained, pairs, k, 8))
+        assert norms[lam] > 0
+    assert norms[1.0] < 0.9 * norms[0.0], norms
+
+
+def test_hetlora_threshold_alone_decides_pruning(tmp_path):
+    """Penalty off: training is the same whatever the threshold, so the trailing norm's ratio after / before
+    training is fixed; the client prunes exactly when that ratio is below prune_threshold."""
+    from strategies.hetlora import trailing_norm
+
+    reply, received, trained, k, pairs = hetlora_client(tmp_path, 0.0, 0.0)
+    assert reply.metrics["rank"] == 8
+    before = float(trailing_norm({n: torch.from_numpy(v) for n, v in received.items()}, pairs, k, 8))
+    ratio = float(trailing_norm(trained, pairs, k, 8)) / before
+    for threshold, prunes in ((1.01 * ratio, True), (0.99 * ratio, False)):
+        reply, received, _, _, _ = hetlora_client(tmp_path, 0.0, threshold)
+        assert reply.metrics["rank"] == (k if prunes else 8), (threshold, ratio)
+        for a, b in pairs:
+            for name in (a, b):
+                t = received[name] + reply.arrays[f"delta/{name}"]
+                tail = t[k:] if name == a else t[:, k:]
+                assert (np.abs(tail).max() == 0) == prunes  # a pruned module carries no trailing components
