@@ -13,7 +13,14 @@ of a torch ``SparseAdam`` behave the same way; bias correction still uses the pa
 Optimizer: ``server_optimizer`` (adam | sgd) with ``server_momentum`` and ``server_weight_decay``;
 ``server_steps=per_round`` takes one step on the weighted sum of the round's replies (pFedPG),
 ``per_reply`` one step per reply in partition-id order (pFedHN's Algorithm 1: one hypernetwork step per
-client it trains).
+client it trains). With ``per_reply`` every reply's gradient is taken at the generator that produced the
+prompts that client trained from, i.e. the generator as it was when the round was configured, not as
+earlier replies of the same round have already moved it: pFedHN's code generates a client's weights
+and takes that client's hypernetwork gradient at the same hypernetwork (AvivSham/pFedHN,
+``experiments/pfedhn/trainer.py`` 126 and 172-174), then steps (181). Its code trains one client per
+step, so the two coincide there; with several clients per round only the round-start generator
+produced what they trained from. ``server_grad_clip`` clips the generator's gradient to that total
+norm before every step (``trainer.py`` 180: ``clip_grad_norm_(hnet.parameters(), 50)``; 0 = off).
 
 Unseen clients: the trained generator is frozen; a held-out client gets a new descriptor (initialised
 at the mean of the trained clients' descriptors) and only that descriptor is fitted, by the same chain
@@ -40,7 +47,8 @@ class GeneratorConfig(StrategyConfig):
     server_optimizer: str = "adam"  # adam | sgd
     server_momentum: float = 0.0  # SGD momentum of the generator optimizer (sgd only; pFedHN's code: 0.9)
     server_weight_decay: float = 0.0  # L2 weight decay of the generator optimizer (pFedHN's code: 1e-3)
-    server_steps: str = "per_round"  # per_round: one step on the weighted sum of the round's replies | per_reply: one step per reply, in partition-id order
+    server_steps: str = "per_round"  # per_round: one step on the weighted sum of the round's replies | per_reply: one step per reply, in partition-id order, each reply's gradient taken at the round's (sending) generator
+    server_grad_clip: float = 0.0  # clip the generator's gradient to this total L2 norm before each step (0 = off; pFedHN's code: 50)
     weighting: str = "uniform"  # how client deltas are weighted in the generator update: uniform | num_examples
     unseen_lr: float = 0.05  # Adam learning rate of a held-out client's descriptor (generator frozen)
 
@@ -52,6 +60,7 @@ class GeneratorConfig(StrategyConfig):
                 "applies to server_optimizer=sgd only (Adam has its own moments)")
         require(self.server_weight_decay >= 0, "server_weight_decay", f"must be >= 0, got {self.server_weight_decay}")
         require_choice(self.server_steps, "server_steps", ("per_round", "per_reply"))
+        require(self.server_grad_clip >= 0, "server_grad_clip", f"must be >= 0, got {self.server_grad_clip}")
         require_choice(self.weighting, "weighting", ("uniform", "num_examples"))
         require(self.unseen_lr > 0, "unseen_lr", f"must be > 0, got {self.unseen_lr}")
 
@@ -124,17 +133,26 @@ class GeneratorStrategy(Strategy):
 
     def aggregate(self, server_round, updates: list[ClientUpdate]):
         if self.config.server_steps == "per_reply":
-            norms = [self._step([u], "uniform") for u in updates]
+            # Each reply's gradient at the generator that sent its prompts (this round's, before any step),
+            # applied one step per reply in partition-id order (pFedHN, trainer.py 126, 172-181).
+            sender = copy.deepcopy(self.generator)
+            norms = [self._step([u], "uniform", sender) for u in updates]
             return {"pseudo_grad_norm": float(np.sqrt(np.sum(np.square(norms))))}
         return {"pseudo_grad_norm": self._step(updates, self.config.weighting)}
 
-    def _step(self, updates: list[ClientUpdate], weighting: str) -> float:
+    def _step(self, updates: list[ClientUpdate], weighting: str, at: Generator | None = None) -> float:
+        """One optimizer step of the live generator on the chain-rule gradient of ``updates``, taken at the
+        generator ``at`` (default: the live one); clipped to ``server_grad_clip`` when that is > 0."""
+        at = self.generator if at is None else at
         params = list(self.generator.parameters())
         pids = [u.partition_id for u in updates]
-        grads, norm = chain_rule_grads(self.generate(pids), params, updates, weighting)
+        grads, norm = chain_rule_grads(at(torch.as_tensor(pids, dtype=torch.long)), list(at.parameters()),
+                                       updates, weighting)
         self.optimizer.zero_grad(set_to_none=True)
         for p, gp in zip(params, grads):
-            p.grad = gp
+            p.grad = gp.detach().clone()
+        if self.config.server_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.config.server_grad_clip)
         step_rows(self.optimizer, self.generator.descriptors, pids)
         return norm
 

@@ -15,6 +15,12 @@ not part of the paper's update and is left out). Each client's alpha lives with 
 w step and one v step, so a round runs half the local budget's mini-batches (``client.local_epochs``
 passes, counted in optimizer steps).
 
+Server: w is averaged over the round's clients U_t with equal weights, ``w = 1/|U_t| sum_{j in U_t} w_j``,
+as the authors' code (MLOPTPSU/FedTorch) does: ``rank_weight = 1.0 / num_online_clients``
+(``fedtorch/comms/algorithms/federated/fedavg.py`` 24; ``federated/centered/fedavg.py`` 17, used by
+``comms/trainings/federated/centered/apfl.py`` 141). ``weighting`` defaults to that ``uniform``;
+``num_examples`` weights by training-set size (FedAvg's choice).
+
 ``apfl_fixed`` is the earlier simplification, kept as a separately named variant: alpha is fixed, w is
 trained first (half the budget), then v through the mixture with w fixed (the other half)."""
 
@@ -76,6 +82,7 @@ def _personal_start(ctx, state):
 @dataclass
 class APFLConfig(AveragingConfig):
     name: str = "apfl"
+    weighting: str = "uniform"  # average of w over the round's clients: uniform (1/|U|, the authors' FedTorch code) | num_examples
     alpha: float = 0.5  # initial mixing weight of the personal model in alpha*v + (1-alpha)*w, in [0, 1]; adapted per client
     alpha_lr: float | None = None  # step size of the alpha update (eq. 10); None: client.lr, the paper's single eta for w, v and alpha
 
@@ -127,6 +134,7 @@ class APFL(Averaging):
 @dataclass
 class APFLFixedConfig(AveragingConfig):
     name: str = "apfl_fixed"
+    weighting: str = "uniform"  # as apfl: uniform (1/|U|) | num_examples
     alpha: float = 0.5  # fixed weight of the personal model in the evaluated mixture alpha*v + (1-alpha)*w, in [0, 1]
 
     def validate(self) -> None:

@@ -16,7 +16,11 @@ LoRA-wrapped module (``<module>.fold.weight``, out x in, in LoRA units; see ``st
 broadcasts it with A and B every round; the client adds ``s * fold`` to the frozen weight for training
 and evaluation and never sends it back. Cost, as in the paper: the residual is a dense out x in matrix
 per module, so the download is far larger than the factors (the upload is FedIT's). Weights ``w_k``:
-``strategy.weighting`` (the paper averages uniformly; ``uniform`` reproduces that). Heads stay personal.
+``strategy.weighting``, by default ``uniform``, the paper's: its code averages A, B and the products
+B_k A_k with equal weights 1/k (RaghavSinghal10/fedex-lora, ``fed_agg.py`` 95-100:
+``sum(B_i @ A_i) / len(client_models)``, ``lora_A_weights.mean(0)``); ``num_examples`` weights by the
+clients' training-set sizes. Heads stay personal (the official code also averages the classifier,
+``fed_agg.py`` 67-70; here every strategy keeps its head on the client).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from strategies.lora_fold import a_of, add_folds, b_of, factor_names, fold_of, f
 @dataclass
 class FedExLoraConfig(LoraAvgConfig):
     name: str = "fedex_lora"
+    weighting: str = "uniform"  # uniform (the paper's code, fed_agg.py 95-100) | num_examples
 
     def validate(self) -> None:
         super().validate()

@@ -123,6 +123,9 @@ class FedProxLoraConfig(LoraAvgConfig):
 
 @register_strategy
 class FedProxLora(FedIT):
+    """FedIT whose clients minimise FedProx's local objective (Li et al., MLSys 2020, eq. 2),
+    ``F_k(w) + mu/2 ||w - w^t||^2``, with w the LoRA factors and w^t the factors received this round."""
+
     name = "fedprox_lora"
     summary = "FedIT with FedProx's proximal term on the LoRA factors (FedProx on LoRA)"
     config_cls = FedProxLoraConfig

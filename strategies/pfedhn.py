@@ -5,12 +5,18 @@ the client's delta (see :mod:`strategies._generator`; Algorithm 1, lines 7-9: ``
 theta_i)^T (theta_i - theta~_i)``); novel clients fit only their embedding.
 
 Optimizer. The paper (and its code, AvivSham/pFedHN) takes one SGD step per trained client, lr 1e-2,
-momentum 0.9, weight decay 1e-3: ``server_optimizer=sgd server_lr=0.01 server_momentum=0.9
-server_weight_decay=1e-3 server_steps=per_reply`` (``experiments/configs/pfedhn_paper.yaml``). The
-default here is Adam, lr 1e-3, one step per round on the mean of the replies: the same server optimizer
-as ``pfedpg``, so a pFedPG-vs-pFedHN comparison differs only in the generator, and the paper's SGD
-setting was tuned for hypernetworks emitting a whole CNN after 50 inner steps, not K x D prompts
-(see the README for the measured difference)."""
+momentum 0.9, weight decay 1e-3 (``experiments/pfedhn/trainer.py`` 97-101, 273-274), each client's
+hypernetwork gradient taken at the hypernetwork that generated its weights (126, 172-174) and clipped to
+norm 50 before the step (180-181): ``server_optimizer=sgd server_lr=0.01 server_momentum=0.9
+server_weight_decay=1e-3 server_steps=per_reply server_grad_clip=50``
+(``experiments/configs/pfedhn_paper.yaml``). With several clients per round, ``per_reply`` takes every
+reply's gradient at the round's generator (the one that sent the prompts) and steps once per reply in
+partition-id order. Not modelled: the code's separate ``embed_lr`` for the embeddings (it defaults to
+``lr``, 95) and its clipping of the client's inner-loop gradient at 50 (160, local training, not the
+server's). The default here is Adam, lr 1e-3, one step per round on the mean of the replies, no
+clipping: the same server optimizer as ``pfedpg``, so a pFedPG-vs-pFedHN comparison differs only in the
+generator, and the paper's SGD setting was tuned for hypernetworks emitting a whole CNN after 50 inner
+steps, not K x D prompts (see the README for the measured difference)."""
 
 from __future__ import annotations
 

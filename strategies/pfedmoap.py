@@ -1,18 +1,37 @@
 """pFedMoAP (Luo et al., ICLR 2025, "Mixture of Experts Made Personalized: Federated Prompt Learning for
 Vision-Language Models", Sec. 3 / Algorithm 1), adapted from CLIP text prompts to our prompted backbone.
 
-The paper's round, as its official code runs it: the server keeps every client's latest uploaded prompt
-and their FedAvg ``P_glob``. A sampled client starts its local prompt from ``P_glob``, downloads the
-prompts of ``num_experts`` *other* clients, chosen by the server as the nearest neighbours (L2) of the
-client's own latest prompt, as frozen non-local experts, and trains its prompt together with a local
-attention gating network that never leaves it; it uploads only its prompt. Prediction (the paper's
-final logits, as the official ``CustomCLIP.forward`` computes them):
+The round (official code: ljaiverson/pFedMoAP, ``federated_main.py`` 347-392): the server keeps every
+client's latest uploaded prompt and their FedAvg ``P_glob``, weighted by the clients' data sizes
+(``utils/fed_utils.py`` 5-28, called at ``federated_main.py`` 392; ``weighting=num_examples`` here). A
+sampled client starts its local prompt from ``P_glob`` (375), downloads the latest prompts of other
+clients as frozen non-local experts (370-371), and trains its prompt together with a local attention
+gating network that never leaves it; it uploads only its prompt (384-387). A client seen for the first
+time gets no experts and uses the local logits alone (362-374).
+
+Which experts. The paper describes a KNN-based selection of the non-local prompts on the server (nearest
+to the client's own prompt). The released code does not run it: ``sparse_selection(idx, ctxs, method="random")``
+(``trainers/pfedmoap.py`` 321) is called without a method (``federated_main.py`` 370, 402), and the
+``--sparse_selection`` flag (45, default ``nearest``) is never read, so it takes, from one list of all
+clients shuffled once at start (``trainers/pfedmoap.py`` 296-297), the first ``NUM_EXPERTS - 1`` that have
+uploaded a prompt and are not the client (322-329): a fixed random order, not a distance. Its
+``NUM_EXPERTS`` counts the local expert (the ``- 1`` at 327 and 352; ``min(--num_experts, users)``,
+default 10, ``federated_main.py`` 44, 144). This implementation: ``expert_selection=nearest`` (default,
+the paper's rule) takes the ``num_experts`` other clients whose latest prompts are nearest (L2) to the
+client's own latest prompt; ``expert_selection=random`` is the released code's rule (a seeded shuffle of
+all partition ids fixed when the strategy is built; the first ``num_experts`` clients in it that have
+uploaded and are not the client). Here ``num_experts`` counts only the non-local experts: the official
+``NUM_EXPERTS = N`` is ``num_experts = N - 1``. The official loop trains the sampled clients one after
+the other, so a later client of a round may get an expert uploaded earlier in the same round; here every
+client of a round gets experts from the uploads of earlier rounds.
+
+Prediction (the paper's final logits, as the official ``CustomCLIP.forward`` computes them,
+``trainers/pfedmoap.py`` 217-237):
 
     logits = lambda * logits_local + logits_MoE
 
 where the gate's query is the input's feature and its keys/values are the experts' outputs (its own
-included), so the mixture weights are per input. A client seen for the first time gets no experts
-and uses the local logits alone (as the official code does).
+included), so the mixture weights are per input.
 
 Adaptation to a prompted ViT / prompted text model with a personal linear head (CLIP's experts are
 per-class text features; ours are prompt-conditioned input features, the classifier is the head):
@@ -38,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from strategies._avg import Averaging, AveragingConfig
-from strategies._checks import require
+from strategies._checks import require, require_choice
 from strategies.base import HEAD, ClientUpdate, register_strategy
 
 GATE = ("gate.q", "gate.k")
@@ -48,7 +67,8 @@ GATE_SALT = 0x6A7E
 @dataclass
 class PFedMoAPConfig(AveragingConfig):
     name: str = "pfedmoap"
-    num_experts: int = 3  # K non-local experts per client: the prompts of the K nearest other clients
+    num_experts: int = 3  # K non-local experts per client (the official NUM_EXPERTS also counts the local one: K + 1)
+    expert_selection: str = "nearest"  # nearest: the K other clients nearest (L2) to the client's latest prompt (the paper) | random: the first K uploaders in a seeded shuffle fixed at start (the released code)
     lmbda: float = 0.5  # weight of the local logits next to the mixture's (paper: lambda = 0.5)
     gate_dim: int = 32  # width of the gate's query/key projections
     scaling: float = 10.0  # temperature of the gate's cosine attention (official default 10)
@@ -56,6 +76,7 @@ class PFedMoAPConfig(AveragingConfig):
     def validate(self) -> None:
         super().validate()
         require(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
+        require_choice(self.expert_selection, "expert_selection", ("nearest", "random"))
         require(self.lmbda >= 0, "lmbda", f"must be >= 0, got {self.lmbda}")
         require(self.gate_dim >= 1, "gate_dim", f"must be >= 1, got {self.gate_dim}")
         require(self.scaling > 0, "scaling", f"must be > 0, got {self.scaling}")
@@ -65,6 +86,12 @@ def nearest(own: np.ndarray, pool: dict[int, np.ndarray], k: int) -> list[int]:
     """Up to ``k`` partition ids of ``pool`` nearest to ``own`` in L2 (ties by id)."""
     dist = sorted((float(np.sum((own.astype(np.float64) - p) ** 2)), pid) for pid, p in pool.items())
     return [pid for _, pid in dist[:k]]
+
+
+def first_in_order(order: list[int], pool: dict[int, np.ndarray], pid: int, k: int) -> list[int]:
+    """The first ``k`` ids of ``order`` that are in ``pool`` and are not ``pid`` (the official random
+    selection, ``trainers/pfedmoap.py`` 322-329)."""
+    return [p for p in order if p in pool and p != pid][:k]
 
 
 def moe_logits(feats: list[torch.Tensor], mask: torch.Tensor, t: dict[str, torch.Tensor], lmbda: float, scaling: float):
@@ -85,7 +112,7 @@ def moe_logits(feats: list[torch.Tensor], mask: torch.Tensor, t: dict[str, torch
 @register_strategy
 class PFedMoAP(Averaging):
     name = "pfedmoap"
-    summary = "FedAvg prompt start + K nearest other clients' prompts as frozen experts, mixed by a local attention gate (pFedMoAP)"
+    summary = "FedAvg prompt start + K other clients' prompts (nearest, or the official code's random) as frozen experts, mixed by a local attention gate (pFedMoAP)"
     config_cls = PFedMoAPConfig
     sends = ("prompts",)
     personal = HEAD + GATE
@@ -95,14 +122,20 @@ class PFedMoAP(Averaging):
         k = int(config.num_experts)
         self.broadcast = {"experts": (k, *shapes["prompts"]), "expert_mask": (k,)}
         self.latest: dict[int, np.ndarray] = {}  # each training client's last uploaded prompt
+        # expert_selection=random: one shuffle of all partition ids, fixed for the run (official 296-297)
+        self.order = [int(p) for p in np.random.default_rng([seed, 0x30A9]).permutation(num_clients)]
         self.unseen_latest: dict[int, np.ndarray] = {}
 
     def _payload(self, pid: int, own: np.ndarray | None) -> dict[str, np.ndarray]:
         k = int(self.config.num_experts)
         experts = np.zeros(self.broadcast["experts"], dtype=np.float32)
         mask = np.zeros(k, dtype=np.float32)
-        if own is not None:  # a client seen before: its nearest other clients' prompts
-            for slot, other in enumerate(nearest(own, {p: v for p, v in self.latest.items() if p != pid}, k)):
+        if own is not None:  # a client seen before: other clients' latest prompts
+            if self.config.expert_selection == "random":
+                chosen = first_in_order(self.order, self.latest, pid, k)
+            else:
+                chosen = nearest(own, {p: v for p, v in self.latest.items() if p != pid}, k)
+            for slot, other in enumerate(chosen):
                 experts[slot], mask[slot] = self.latest[other], 1.0
         return {"prompts": self.global_tensors["prompts"].copy(), "experts": experts, "expert_mask": mask}
 

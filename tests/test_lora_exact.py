@@ -92,3 +92,21 @@ def test_fold_is_added_to_the_frozen_weight_for_one_call_only():
     assert (f_fold - f_plain).abs().max() > 1e-3
     with torch.no_grad():  # the shared model was not mutated
         torch.testing.assert_close(model.features_with(batch, zero), f_plain)
+
+
+def test_fedex_default_is_the_papers_uniform_mean_whatever_the_client_sizes():
+    """The official code averages A, B and B_k A_k with equal weights (fedex-lora fed_agg.py 95-100), so the
+    default must ignore num_examples: three clients with 1, 10 and 100 examples, aggregated by hand."""
+    s = make("fedex_lora")
+    assert s.config.weighting == "uniform"
+    sent = s.configure(1, [0, 1, 2])[0]
+    rng = np.random.default_rng(5)
+    trained = [client_factors(rng, 2) for _ in range(3)]  # (B_k, A_k)
+    s.aggregate(1, [ClientUpdate(p, {A: (a - sent[A]).astype(np.float32), B: (b - sent[B]).astype(np.float32)}, n, {})
+                    for p, ((b, a), n) in enumerate(zip(trained, (1, 10, 100)))])
+    b_mean = (trained[0][0] + trained[1][0] + trained[2][0]) / 3
+    a_mean = (trained[0][1] + trained[1][1] + trained[2][1]) / 3
+    np.testing.assert_allclose(s.shared.tensors[A], a_mean, atol=1e-5)
+    np.testing.assert_allclose(s.shared.tensors[B], b_mean, atol=1e-5)
+    mean_product = (trained[0][0] @ trained[0][1] + trained[1][0] @ trained[1][1] + trained[2][0] @ trained[2][1]) / 3
+    np.testing.assert_allclose(s.fold[f"{M}.fold.weight"], mean_product - b_mean @ a_mean, atol=1e-4)

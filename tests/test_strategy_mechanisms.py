@@ -1,6 +1,8 @@
 """One test per strategy that fails when the mechanism defining it breaks, on cases small enough to check
 by hand: FedRep's schedule, Ditto's proximal pull, APFL's interleaved step and alpha gradient, the exact
-limits of apfl_fixed, FFA-LoRA's frozen A, FedSA-LoRA's private B, HetLoRA's aggregate and self-pruning.
+limits of apfl_fixed, FFA-LoRA's frozen A, FedSA-LoRA's private B, HetLoRA's aggregate, its self-pruning
+penalty and its prune threshold (each alone), FedProx-LoRA's proximal term, FedAvg-FT's fine-tuning (evaluated,
+never sent) and FedVPT-deep's per-block prompts.
 (The one local budget every strategy gets is checked in the conformance suite.)"""
 
 
@@ -136,8 +138,10 @@ def test_apfl_client_adapts_and_keeps_its_own_alpha(tmp_path):
 @pytest.mark.slow
 def test_apfl_fixed_limits_are_fedavg_ft_and_local_on_half_the_budget(tmp_path):
     """apfl_fixed trains w on the first half of the budget, then v; at alpha = 0 it is fedavg_ft with half
-    the epochs (same batches, same global model), at alpha = 1 it is local training with half the epochs."""
-    s0, a0, _ = run(cfg_for(tmp_path, "apfl_fixed", **{"strategy.alpha": 0.0, "client.local_epochs": 2}))
+    the epochs (same batches, same global model; with fedavg_ft's example-weighted average, apfl_fixed's
+    default being APFL's uniform one), at alpha = 1 it is local training with half the epochs."""
+    s0, a0, _ = run(cfg_for(tmp_path, "apfl_fixed", **{"strategy.alpha": 0.0, "client.local_epochs": 2,
+                                                       "strategy.weighting": "num_examples"}))
     s_ft, ft, _ = run(cfg_for(tmp_path, "fedavg_ft", **{"client.local_epochs": 1}))
     assert s0["final"]["per_client"] == s_ft["final"]["per_client"]
     for k, v in ft.global_tensors.items():
@@ -236,9 +240,9 @@ def test_hetlora_server_takes_reported_ranks_and_never_grows_them():
     assert fresh.rank_of(0) == 3
 
 
-@pytest.mark.parametrize("lam, threshold, prunes", [(1.0, 1.0, True), (0.0, 0.0, False)])
-def test_hetlora_client_self_prunes_its_trailing_rank_components(tmp_path, lam, threshold, prunes):
-    from strategies.hetlora import kept_rank
+def hetlora_client(tmp_path, lam, threshold):
+    """One rank-8 client round from factors as a later round sends them (B no longer zero, so the trailing
+    components have a norm). Returns (reply, received, trained factors, kept rank k, module pairs)."""
     from strategies.lora_common import lora_a, lora_b
 
     cfg = cfg_for(tmp_path, "hetlora", text=True, **{
@@ -246,13 +250,163 @@ def test_hetlora_client_self_prunes_its_trailing_rank_components(tmp_path, lam, 
         "strategy.prune_threshold": threshold})
     ctx = make_context(cfg, 0, 2)
     rng = np.random.default_rng(0)
-    # factors as a later round sends them: B no longer zero, so the trailing components have a norm
     received = {k: (rng.standard_normal(v.shape) * 0.1).astype(np.float32)
                 for k, v in build_strategy(cfg).configure(2, [0])[0].items()}
     reply, _ = get_strategy_class("hetlora").client_update(ctx, received, {})
-    k = kept_rank(8, cfg.strategy.prune_gamma)
-    assert reply.metrics["rank"] == (k if prunes else 8)
-    for name in lora_a(ctx.shapes) + lora_b(ctx.shapes):
-        trained = received[name] + reply.arrays[f"delta/{name}"]
-        tail = trained[k:] if "lora_A" in name else trained[:, k:]
-        assert (np.abs(tail).max() == 0) == prunes  # a pruned module carries no trailing components
+    trained = {k: torch.from_numpy(received[k] + reply.arrays[f"delta/{k}"]) for k in received}
+    from strategies.hetlora import kept_rank
+
+    return reply, received, trained, kept_rank(8, cfg.strategy.prune_gamma), list(zip(lora_a(ctx.shapes), lora_b(ctx.shapes)))
+
+
+def test_hetlora_penalty_alone_shrinks_the_trailing_components(tmp_path):
+    """Penalty on, threshold off (0: nothing is ever pruned): the same round with the penalty ends with
+    smaller trailing components than without it, and nothing is pruned."""
+    from strategies.hetlora import trailing_norm
+
+    norms = {}
+    for lam in (0.0, 1.0):
+        reply, _, trained, k, pairs = hetlora_client(tmp_path, lam, 0.0)
+        assert reply.metrics["rank"] == 8  # the threshold is off: no pruning, whatever the penalty did
+        norms[lam] = float(trailing_norm(trained, pairs, k, 8))
+        assert norms[lam] > 0
+    assert norms[1.0] < 0.9 * norms[0.0], norms
+
+
+def test_hetlora_threshold_alone_decides_pruning(tmp_path):
+    """Penalty off: training is the same whatever the threshold, so the trailing norm's ratio after / before
+    training is fixed; the client prunes exactly when that ratio is below prune_threshold."""
+    from strategies.hetlora import trailing_norm
+
+    reply, received, trained, k, pairs = hetlora_client(tmp_path, 0.0, 0.0)
+    assert reply.metrics["rank"] == 8
+    before = float(trailing_norm({n: torch.from_numpy(v) for n, v in received.items()}, pairs, k, 8))
+    ratio = float(trailing_norm(trained, pairs, k, 8)) / before
+    for threshold, prunes in ((1.01 * ratio, True), (0.99 * ratio, False)):
+        reply, received, _, _, _ = hetlora_client(tmp_path, 0.0, threshold)
+        assert reply.metrics["rank"] == (k if prunes else 8), (threshold, ratio)
+        for a, b in pairs:
+            for name in (a, b):
+                t = received[name] + reply.arrays[f"delta/{name}"]
+                tail = t[k:] if name == a else t[:, k:]
+                assert (np.abs(tail).max() == 0) == prunes  # a pruned module carries no trailing components
+
+
+# -- FedProx on LoRA: the proximal term mu/2 ||w - w_received||^2 is in the local loss --
+
+def test_fedprox_lora_adds_the_proximal_term_and_it_pulls_toward_the_received_factors(tmp_path, monkeypatch):
+    """The loss term the client trains with is (mu/2)||w - w_received||^2 over the LoRA factors: at
+    w = w_received + d its value is mu/2 ||d||^2 and its gradient mu * d (FedProx, Li et al. 2020, eq. 2);
+    and a strong mu keeps the trained factors far closer to what was received than mu = 0 does."""
+    from strategies.lora_common import lora_a, lora_b
+
+    calls = []
+    real = client_mod.fit
+
+    def spy(ctx, tensors, trainable, epochs, *args, **kwargs):
+        calls.append(kwargs.get("extra_loss"))
+        return real(ctx, tensors, trainable, epochs, *args, **kwargs)
+
+    monkeypatch.setattr(client_mod, "fit", spy)
+    cls = get_strategy_class("fedprox_lora")
+
+    def round_with(mu):
+        cfg = cfg_for(tmp_path, "fedprox_lora", text=True, **{"strategy.mu": mu, "client.local_epochs": 8})
+        ctx = make_context(cfg, 0, 2)
+        rng = np.random.default_rng(0)
+        received = {k: (rng.standard_normal(v.shape) * 0.1).astype(np.float32)
+                    for k, v in build_strategy(cfg).configure(2, [0])[0].items()}
+        reply, _ = cls.client_update(ctx, received, {})
+        return ctx, received, reply
+
+    mu = 30.0  # client.lr * mu = 0.9: a strong, stable pull
+    ctx, received, reply = round_with(mu)
+    prox = calls[-1]
+    assert prox is not None
+    names = lora_a(ctx.shapes) + lora_b(ctx.shapes)
+    assert set(received) == set(names)
+    d = {k: torch.from_numpy(np.random.default_rng(1).standard_normal(v.shape).astype(np.float32)) for k, v in received.items()}
+    w = {k: (torch.from_numpy(received[k]) + d[k]).requires_grad_(True) for k in names}
+    w.update({"head.weight": torch.zeros(2, 2), "head.bias": torch.zeros(2)})  # not part of the term
+    value = prox(w)
+    assert float(value) == pytest.approx(0.5 * mu * sum(float((d[k] ** 2).sum()) for k in names), rel=1e-5)
+    grads = torch.autograd.grad(value, [w[k] for k in names])
+    for k, g in zip(names, grads):
+        torch.testing.assert_close(g, mu * d[k], rtol=1e-5, atol=1e-6)
+
+    def moved(rep):
+        return float(np.sqrt(sum((rep.arrays[f"delta/{k}"].astype(np.float64) ** 2).sum() for k in names)))
+
+    _, _, free = round_with(0.0)
+    assert moved(free) > 0
+    assert moved(reply) < 0.5 * moved(free), (moved(reply), moved(free))
+
+
+# -- FedAvg-FT: fine-tuning before evaluation, never in the reply --
+
+def test_fedavg_ft_evaluates_the_fine_tuned_model_and_sends_only_the_local_training(tmp_path, monkeypatch):
+    cfg = cfg_for(tmp_path, "fedavg_ft", **{"strategy.ft_epochs": 1, "client.local_epochs": 1})
+    ctx = make_context(cfg, 0, 1)
+    received = build_strategy(cfg).configure(1, [0])[0]
+    calls = record_fit(monkeypatch)
+    evaluated = []
+    real_eval = client_mod.evaluate
+
+    def spy_eval(ctx, tensors):
+        evaluated.append({k: v.detach().clone() for k, v in tensors.items()})
+        return real_eval(ctx, tensors)
+
+    monkeypatch.setattr(client_mod, "evaluate", spy_eval)
+    reply, state = get_strategy_class("fedavg_ft").client_update(ctx, received, {})
+    assert len(calls) == 2  # local training, then the extra fine-tuning
+    train, ft = calls
+    sends = ("prompts", "head.weight", "head.bias")
+    # the reply is the local training alone: trained - received, without the fine-tuning
+    for k in sends:
+        np.testing.assert_array_equal(reply.arrays[f"delta/{k}"],
+                                      (train["after"][k] - torch.from_numpy(received[k])).numpy())
+    # the fine-tuning starts where local training ended and moves the tensors further
+    for k in sends:
+        torch.testing.assert_close(ft["before"][k], train["after"][k], rtol=0, atol=0)
+    assert any(not torch.equal(ft["after"][k], train["after"][k]) for k in sends)
+    # the client evaluates (and reports) the fine-tuned model
+    (ev,) = evaluated
+    for k in sends:
+        torch.testing.assert_close(ev[k], ft["after"][k], rtol=0, atol=0)
+    assert (reply.metrics["test_loss"], reply.metrics["test_accuracy"]) == real_eval(ctx, ft["after"])
+    assert reply.metrics["local_steps"] == train["steps"] + ft["steps"]
+    assert state == {}  # nothing personal: the fine-tuned model is not kept either
+
+
+# -- FedVPT-deep: prompts at every block travel, are averaged, and every block's prompts matter --
+
+def test_fedvpt_deep_sends_trains_and_averages_every_layers_prompts(tmp_path):
+    from fedpers.client import start_tensors
+
+    cfg = cfg_for(tmp_path, "fedvpt_deep", **{"client.weight_decay": 0.0})  # only gradients move the prompts
+    s = build_strategy(cfg)
+    depth, k, dim = s.shapes["deep_prompts"]
+    assert s.sends == ("deep_prompts",) and depth >= 3
+    sent = s.configure(1, [0, 1, 2])
+    assert all(set(a) == {"deep_prompts"} and a["deep_prompts"].shape == (depth, k, dim) for a in sent.values())
+    replies = InProcessTransport(cfg).exchange(1, sent, timeout=600)
+    for rep in replies.values():  # every block's prompts got a gradient
+        delta = rep.arrays["delta/deep_prompts"]
+        assert all(np.abs(delta[layer]).max() > 0 for layer in range(depth))
+    start = s.global_tensors["deep_prompts"].copy()
+    s.aggregate(1, [ClientUpdate(p, {"deep_prompts": r.arrays["delta/deep_prompts"]}, r.num_examples, r.metrics)
+                    for p, r in sorted(replies.items())])
+    n = np.array([replies[p].num_examples for p in sorted(replies)], float)
+    mean = sum(wi * (start + replies[p].arrays["delta/deep_prompts"]) for wi, p in zip(n / n.sum(), sorted(replies)))
+    np.testing.assert_allclose(s.global_tensors["deep_prompts"], mean, rtol=1e-5, atol=1e-6)
+    # the client's forward reads a middle block's prompts (and the last block's)
+    ctx = make_context(cfg, 0, 2)
+    t = start_tensors(ctx, s.configure(2, [0])[0], {})
+    t["head.weight"] = torch.randn(*t["head.weight"].shape, generator=torch.Generator().manual_seed(0))
+    x = ctx.model.prepare(ctx.data.x_test[:8])
+    base = client_mod.logits(ctx, x, t)
+    for layer in (depth // 2, depth - 1):
+        changed = {**t, "deep_prompts": t["deep_prompts"].clone()}
+        # a random change (a constant shift of a token would vanish in the blocks' LayerNorms)
+        changed["deep_prompts"][layer] += torch.randn(k, dim, generator=torch.Generator().manual_seed(layer))
+        assert not torch.allclose(client_mod.logits(ctx, x, changed), base, atol=1e-4), layer

@@ -163,3 +163,18 @@ def test_bad_values_name_their_field(overrides, field):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert e.value.field == field
+
+
+@pytest.mark.parametrize("name", ["apfl", "apfl_fixed"])
+def test_apfl_default_averages_w_uniformly_over_the_round(name):
+    """APFL's reference code (FedTorch fedavg.py 24) weights every online client by 1/|U|: with 1, 10 and
+    100 examples the new global tensors are the plain mean of the clients' trained ones."""
+    shapes = {"prompts": (2, 3), "head.weight": (2, 3), "head.bias": (2,)}
+    s = create_strategy(get_config_cls(name)(), num_clients=3, shapes=shapes, seed=0)
+    assert s.config.weighting == "uniform"
+    start = {k: v.copy() for k, v in s.global_tensors.items()}
+    trained = [{k: np.full(v, float(c), np.float32) for k, v in shapes.items()} for c in (3.0, -6.0, 12.0)]
+    s.aggregate(1, [ClientUpdate(i, {k: t[k] - start[k] for k in shapes}, n, {})
+                    for i, (t, n) in enumerate(zip(trained, (1, 10, 100)))])
+    for k in shapes:  # (3 - 6 + 12) / 3 = 3; weighted by examples it would be (3 - 60 + 1200) / 111
+        np.testing.assert_allclose(s.global_tensors[k], np.full(shapes[k], 3.0), atol=1e-5)
