@@ -4,6 +4,7 @@ Everything runs on a tiny random Llama (2 layers, hidden 32, grouped-query atten
 tokenizer with a ChatML template, both built here; only the test marked slow touches the real SmolLM2.
 """
 
+import dataclasses
 import json
 import time
 
@@ -50,19 +51,19 @@ def tiny_tokenizer():
     return fast
 
 
-def tiny_llama(vocab: int, tie: bool = True, seed: int = 0):
+def tiny_llama(vocab: int, tie: bool = True, seed: int = 0, layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=tie, pad_token_id=1, bos_token_id=2, eos_token_id=3)
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_model(adapter: str, context_tokens: int = 40, target_tokens: int = 8, **kw) -> PeftCausalLM:
+def tiny_model(adapter: str, context_tokens: int = 40, target_tokens: int = 8, layers: int = 2, **kw) -> PeftCausalLM:
     tok = tiny_tokenizer()
-    return PeftCausalLM(tiny_llama(len(tok)), tok, adapter, num_prompts=3, r=4, alpha=8.0,
+    return PeftCausalLM(tiny_llama(len(tok), layers=layers), tok, adapter, num_prompts=3, r=4, alpha=8.0,
                         context_tokens=context_tokens, target_tokens=target_tokens, system_prompt=SYSTEM, **kw)
 
 
@@ -175,6 +176,32 @@ def test_lora_fold_residual_is_added_to_the_frozen_weight_for_one_call_only(mode
     fold = {**tensors, f"{module}.fold.weight": 0.1 * torch.ones_like(weight)}
     assert not torch.allclose(m.lm_loss(batch, fold), m.lm_loss(batch, tensors))
     assert torch.equal(weight, before)
+
+
+def test_lora_from_layer_caches_the_frozen_layers_below_exactly():
+    m = tiny_model("lora", layers=3, lora_from_layer=2)
+    assert {k.split(".")[2] for k in m.tensor_shapes()} == {"2"}  # LoRA on the top layer only
+    batch = m.prepare(EXAMPLES)
+    tensors = random_tensors(m, seed=6)
+    for rows in ([0, 2], [1], [2, 1, 0]):
+        part = batch.select(rows)
+        cached = m.batch_hidden(part, tensors)
+        plain = m.hidden(part.ids, part.mask, tensors)  # peft's own forward through every layer
+        torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
+    assert (m.split.misses, m.split.hits) == (1, 2)  # layers 0-1 ran once for the prepared batch
+    # and gradients are those of the uncached forward
+    grads = []
+    for fn in (lambda t: m.lm_loss(batch.select([0, 1]), t),
+               lambda t: m.lm_loss(dataclasses.replace(batch.select([0, 1]), source=None), t)):
+        t = {k: v.clone().requires_grad_(True) for k, v in tensors.items()}
+        fn(t).backward()
+        grads.append({k: v.grad for k, v in t.items()})
+    for k in tensors:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4)
+    with pytest.raises(BackboneError, match="adapter=lora"):
+        tiny_model("prompt", lora_from_layer=1)
+    with pytest.raises(BackboneError, match="must be in 1..1"):
+        tiny_model("lora", lora_from_layer=2)
 
 
 # ---- inputs and budgets -------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from torch import nn
 
 from fedpers.models.llm_backbone import load_causal_lm
 from fedpers.models.llm_chat import DEFAULT_SYSTEM_PROMPT, ChatFormat, PreparedBatch
+from fedpers.models.llm_split import Call, LayerSplit
 from fedpers.models.prompted import BackboneError
 from fedpers.models.text import FOLD, PEFT_PREFIX, PeftTextModel
 
@@ -49,11 +50,13 @@ DEFAULT_TARGET_TOKENS = 32
 TEXT_LORA_TARGETS = ("query", "value")  # the config's default: BERT's module names, absent from decoders
 
 
-def llm_peft_config(adapter: str, num_prompts: int, r: int, alpha: float, targets: tuple[str, ...] | None):
+def llm_peft_config(adapter: str, num_prompts: int, r: int, alpha: float, targets: tuple[str, ...] | None,
+                    layers: list[int] | None = None):
     """peft configs for a causal LM. Soft prompts start as embeddings of sampled vocabulary tokens
     (peft's SAMPLE_VOCAB): peft's RANDOM init draws N(0, 1) vectors, orders of magnitude larger than an
     LM's token embeddings, which would wreck the frozen model before any training. ``targets=None``
-    lets peft pick its per-architecture LoRA default (``q_proj``, ``v_proj`` for Llama)."""
+    lets peft pick its per-architecture LoRA default (``q_proj``, ``v_proj`` for Llama); ``layers``
+    restricts LoRA to those decoder layers (peft's ``layers_to_transform``)."""
     from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
     task = TaskType.CAUSAL_LM
@@ -64,7 +67,7 @@ def llm_peft_config(adapter: str, num_prompts: int, r: int, alpha: float, target
         return PrefixTuningConfig(task_type=task, num_virtual_tokens=num_prompts)
     if adapter == "lora":
         return LoraConfig(task_type=task, r=r, lora_alpha=alpha, lora_dropout=0.0,
-                          target_modules=list(targets) if targets else None)
+                          target_modules=list(targets) if targets else None, layers_to_transform=layers)
     raise BackboneError(f"model.adapter: unknown adapter {adapter!r}; allowed: prompt, prefix, lora")
 
 
@@ -84,7 +87,8 @@ class PeftCausalLM(nn.Module):
     def __init__(self, base: nn.Module, tokenizer, adapter: str, num_prompts: int = 10, r: int = 8,
                  alpha: float = 16.0, targets: tuple[str, ...] | None = None,
                  context_tokens: int = DEFAULT_CONTEXT_TOKENS, target_tokens: int = DEFAULT_TARGET_TOKENS,
-                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT):
+                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, lora_from_layer: int = 0,
+                 cache_mb: float = 1024.0):
         from peft import get_peft_model
 
         super().__init__()
@@ -94,10 +98,15 @@ class PeftCausalLM(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
         self.chat = ChatFormat(tokenizer, context_tokens, target_tokens, system_prompt)
+        layers = None
+        if lora_from_layer:
+            if adapter != "lora":
+                raise BackboneError(f"llm.lora_from_layer={lora_from_layer} needs model.adapter=lora, not {adapter!r}")
+            layers = list(range(lora_from_layer, int(base.config.get_text_config().num_hidden_layers)))
         try:
             with warnings.catch_warnings():  # peft asks transformers a deprecated gradient-checkpointing question
                 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
-                self.peft = get_peft_model(base, llm_peft_config(adapter, num_prompts, r, alpha, targets)).eval()
+                self.peft = get_peft_model(base, llm_peft_config(adapter, num_prompts, r, alpha, targets, layers)).eval()
         except ValueError as e:  # peft: target modules not found in the model
             raise BackboneError(f"model.lora.targets={list(targets or [])}: {e}") from e
         self.adapter = adapter
@@ -108,6 +117,8 @@ class PeftCausalLM(nn.Module):
         self._keep = {"logits_to_keep": 1} if keep else {}  # the head's own projection: one position
         self._param_of = self._map_names()
         self._cache: dict[int, tuple[list, PreparedBatch]] = {}
+        # LoRA on layers >= L only: the frozen layers below run once per prepared batch (llm_split)
+        self.split = LayerSplit(base.get_decoder(), lora_from_layer, cache_mb) if lora_from_layer else None
         self._check_projection()
 
     def train(self, mode: bool = True):  # no dropout: the frozen model is deterministic
@@ -172,9 +183,20 @@ class PeftCausalLM(nn.Module):
             raise BackboneError(f"decoder returned {h.shape[1]} positions for {ids.shape[1]} tokens")
         return h
 
+    def batch_hidden(self, batch: PreparedBatch, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`hidden` of a prepared batch, through the frozen-layer cache when LoRA starts at layer L."""
+        if self.split is None:
+            return self.hidden(batch.ids, batch.mask, tensors)
+        from torch.func import functional_call
+
+        split = self.split
+        params = {"peft." + k: v for k, v in self._params(tensors).items()}
+        upper = Call(self.peft, lambda h, mask: split.run(h, mask, split.start, split.depth))
+        return functional_call(upper, params, (split.below(batch), batch.mask), strict=False)
+
     def _target_logits(self, batch: PreparedBatch, tensors) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the positions predicting target tokens only, and those tokens: (M, V), (M,)."""
-        h = self.hidden(batch.ids, batch.mask, tensors)
+        h = self.batch_hidden(batch, tensors)
         pred = batch.target[:, 1:]  # position t predicts token t + 1
         return self.lm_head(h[:, :-1][pred]).float(), batch.labels[:, 1:][pred]
 
@@ -247,16 +269,23 @@ class PeftCausalLM(nn.Module):
         if full.shape != ours.shape or not torch.allclose(full, ours, atol=1e-4, rtol=1e-4):
             raise BackboneError(f"model.backbone: {type(self.base).__name__}'s logits are not lm_head(decoder "
                                 "output); target-only projection would score it wrongly")
+        if self.split is not None:
+            with torch.no_grad():
+                split = self.lm_head(self.batch_hidden(probe, tensors)).float()
+            self.split.clear()
+            if not torch.allclose(full, split, atol=1e-4, rtol=1e-4):
+                raise BackboneError(f"llm.lora_from_layer: {type(self.base).__name__}'s layers do not run like a "
+                                    "Llama-style decoder; the frozen-layer cache would change its output")
 
 
 @functools.lru_cache(maxsize=2)
 def load_llm(backbone: str, adapter: str, num_prompts: int, r: int, alpha: float, targets: tuple[str, ...] | None,
              context_tokens: int = DEFAULT_CONTEXT_TOKENS, target_tokens: int = DEFAULT_TARGET_TOKENS,
-             system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> PeftCausalLM:
+             system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, lora_from_layer: int = 0) -> PeftCausalLM:
     """One frozen model per process and adapter configuration."""
     base, tokenizer = load_causal_lm(backbone)
     return PeftCausalLM(base, tokenizer, adapter, num_prompts, r, alpha, targets, context_tokens, target_tokens,
-                        system_prompt)
+                        system_prompt, lora_from_layer)
 
 
 def llm_model_from_config(m) -> PeftCausalLM:
@@ -268,7 +297,8 @@ def llm_model_from_config(m) -> PeftCausalLM:
       becomes peft's per-architecture default, ``q_proj`` + ``v_proj`` for Llama);
     - ``m.llm.context_tokens`` (default 96): prompt budget, system prompt and template included;
     - ``m.llm.target_tokens`` (default 32): reply budget, end-of-turn token included;
-    - ``m.llm.system_prompt`` (default ``"You are a helpful assistant."``).
+    - ``m.llm.system_prompt`` (default ``"You are a helpful assistant."``);
+    - ``m.llm.lora_from_layer`` (default 0): LoRA on layers >= L only, the frozen layers below cached.
 
     The ``m.llm`` fields are read with defaults, so a config without an ``llm`` section works.
     """
@@ -278,4 +308,5 @@ def llm_model_from_config(m) -> PeftCausalLM:
                     None if targets == TEXT_LORA_TARGETS else targets,
                     int(getattr(llm, "context_tokens", DEFAULT_CONTEXT_TOKENS)),
                     int(getattr(llm, "target_tokens", DEFAULT_TARGET_TOKENS)),
-                    getattr(llm, "system_prompt", DEFAULT_SYSTEM_PROMPT))
+                    getattr(llm, "system_prompt", DEFAULT_SYSTEM_PROMPT),
+                    int(getattr(llm, "lora_from_layer", 0)))

@@ -20,7 +20,7 @@ not a system one, which would spend a third of a small context budget on every r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +42,8 @@ class PreparedBatch:
     labels: torch.Tensor  # (N, T) int64, ids on target positions, -100 elsewhere
     lengths: torch.Tensor  # (N,) int64 real tokens per row
     prompt_lengths: torch.Tensor  # (N,) int64 tokens before the reply
+    # (prepared batch, row indices) this one was selected from: caches of frozen activations key on it
+    source: tuple | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -53,10 +55,14 @@ class PreparedBatch:
     def select(self, rows) -> PreparedBatch:
         """Rows ``rows`` (indices or a bool mask), trimmed to the longest of them."""
         rows = torch.as_tensor(rows)
+        if rows.dtype == torch.bool:
+            rows = rows.nonzero().flatten()
         lengths = self.lengths[rows]
         width = int(lengths.max()) if lengths.numel() else 0
+        parent, origin = self.source if self.source is not None else (self, None)
         return PreparedBatch(self.ids[rows, :width], self.mask[rows, :width], self.target[rows, :width],
-                             self.labels[rows, :width], lengths, self.prompt_lengths[rows])
+                             self.labels[rows, :width], lengths, self.prompt_lengths[rows],
+                             source=(parent, rows if origin is None else origin[rows]))
 
     def by_length(self, batch_size: int) -> list[PreparedBatch]:
         """Sub-batches of rows of similar length (sorted), so little compute goes to padding."""
