@@ -1,7 +1,7 @@
 """The llm modality: a frozen causal LM with peft adapters, its objective, budgets and offline backbone.
 
 Everything runs on a tiny random Llama (2 layers, hidden 32, grouped-query attention) and a word-level
-tokenizer with a ChatML template, both built here; only the test marked slow touches the real SmolLM2.
+tokenizer with a ChatML template (tests/llm_helpers.py); only the test marked slow touches the real SmolLM2.
 """
 
 import dataclasses
@@ -16,14 +16,8 @@ from fedpers.models import llm_backbone
 from fedpers.models.llm import PeftCausalLM, load_llm
 from fedpers.models.llm_backbone import BackboneError
 from fedpers.models.llm_chat import ChatFormat
+from tests.llm_helpers import tiny_llama, tiny_tokenizer
 
-VOCAB_TEXT = ("hello there how are you today i am fine thank and what is the capital of france paris cat sat on "
-         "mat do like pizza or pasta with cheese tell me about weather it sunny warm be brief . a one word "
-         "answer in system user assistant")
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 SYSTEM = "be brief ."
 ADAPTERS = ("prompt", "prefix", "lora")
 EXAMPLES = [
@@ -34,31 +28,6 @@ EXAMPLES = [
     {"context": [{"role": "user", "content": "tell me about the weather"}], "target": "it is sunny"},
     {"context": [{"role": "user", "content": "do you like pizza or pasta"}], "target": "i like pizza with cheese"},
 ]
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + sorted(set(VOCAB_TEXT.split())))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece()  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def tiny_llama(vocab: int, tie: bool = True, seed: int = 0, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=tie, pad_token_id=1, bos_token_id=2, eos_token_id=3)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_model(adapter: str, context_tokens: int = 40, target_tokens: int = 8, layers: int = 2, **kw) -> PeftCausalLM:
@@ -335,7 +304,7 @@ def test_cache_writer_round_trips_a_model_and_tokenizer(tmp_path, tie):
     from safetensors import safe_open
 
     with safe_open(str(dest / "model.safetensors"), "pt") as f:
-        assert ("lm_head.weight" in f.keys()) != tie  # a tied head is stored once
+        assert ("lm_head.weight" in set(f.keys())) != tie  # a tied head is stored once
 
 
 def test_a_failed_conversion_leaves_no_cache_behind(tmp_path, monkeypatch):

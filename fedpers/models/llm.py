@@ -25,6 +25,10 @@ Use::
     loss = model.lm_loss(batch.select(rows), tensors)    # mean NLL over target tokens, differentiable
     nll, n, correct = model.token_stats(batch, tensors)  # perplexity exp(nll / n), accuracy correct / n
     replies = model.generate(examples[:3], tensors, max_new_tokens=32)
+
+With ``lora_from_layer=L`` LoRA adapts layers >= L only and the frozen layers below run once per
+prepared batch (:mod:`fedpers.models.llm_split`); select training batches from ``prepare``'s result
+with ``select`` / ``by_length`` so they share that cache.
 """
 
 from __future__ import annotations
