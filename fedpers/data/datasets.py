@@ -27,7 +27,7 @@ class DatasetInfo:
     image_shape: tuple[int, int, int]
     loader: Callable[[], "object"]
     description: str
-    modality: str = "vision"  # vision: ``image`` column; text: ``text`` column (and optional ``user``)
+    modality: str = "vision"  # vision: ``image`` column; text: ``text`` column (and optional ``user``); llm: dialogue (fedpers.data.dialogue)
 
 
 _REGISTRY: dict[str, DatasetInfo] = {}
@@ -209,6 +209,7 @@ def load_fonts(path: str | None = None):
     return Dataset(InMemoryTable(table))
 
 
-# The text datasets register themselves on import; importing them here (after the registry exists) means
-# every path to the registry sees them, whether or not the fedpers.data package exports were touched.
-from fedpers.data import text as _text  # noqa: F401
+# The text and dialogue datasets register themselves on import; importing them here (after the registry
+# exists) means every path to the registry sees them, whether or not the fedpers.data package exports were touched.
+from fedpers.data import dialogue as _dialogue  # noqa: F401, E402
+from fedpers.data import text as _text  # noqa: F401, E402

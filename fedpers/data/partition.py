@@ -27,9 +27,11 @@ class DataError(ValueError):
 
 @dataclass
 class ClientData:
-    x_train: torch.Tensor | list[str]  # images (N, C, H, W), or strings for text datasets
-    y_train: torch.Tensor
-    x_test: torch.Tensor | list[str]
+    # images (N, C, H, W); strings for text datasets; for dialogue datasets (modality llm) example dicts
+    # {"context": [{"role", "content"}, ...], "target": str} (see fedpers.data.dialogue)
+    x_train: torch.Tensor | list[str] | list[dict]
+    y_train: torch.Tensor  # labels; llm: each example's conversation index (int64)
+    x_test: torch.Tensor | list[str] | list[dict]
     y_test: torch.Tensor
 
     @property
@@ -45,9 +47,15 @@ class FederatedData:
     clients: list[ClientData]
     # per client: its shift group and domain params or label map, samples moved in by rebalancing
     shift_info: list[dict] = field(default_factory=list)
+    # per client, dialogue datasets: speaker id, messages, conversations on each side, examples before the cap
+    client_info: list[dict] = field(default_factory=list)
+    modality: str = "vision"  # the dataset's: vision | text | llm
 
     def label_counts(self) -> np.ndarray:
-        """(num_clients, num_classes) label histogram over each client's train+test data."""
+        """(num_clients, num_classes) label histogram over each client's train+test data. Dialogue
+        datasets have no labels (y is a conversation index): one column, the client's example count."""
+        if self.modality == "llm":
+            return np.array([[len(c.y_train) + len(c.y_test)] for c in self.clients], dtype=np.int64)
         out = np.zeros((len(self.clients), self.num_classes), dtype=np.int64)
         for i, c in enumerate(self.clients):
             labels = torch.cat([c.y_train, c.y_test]).numpy()
@@ -84,6 +92,10 @@ def _build_cached(data_json: str, num_clients: int, seed: int) -> FederatedData:
 
     data = _data_from_json(data_json)
     info = get_dataset_info(data.dataset)
+    if info.modality == "llm":  # dialogue: one client per speaker, split by conversation
+        from fedpers.data.dialogue import build_dialogue_federation
+
+        return build_dialogue_federation(data, num_clients, seed)
     try:
         ds = info.loader(data.path)
     except Exception as e:  # hub/network/file errors all mean the same thing to the user
@@ -117,9 +129,31 @@ def _build_cached(data_json: str, num_clients: int, seed: int) -> FederatedData:
     clients, infos = [], []
     for pid, rows in enumerate(parts):
         client, shift_info = _split(inputs[rows], labels[rows], data, info.num_classes, pid, seed)
-        clients.append(client)
+        clients.append(cap_train(client, data.max_train_per_client, np.random.default_rng([seed, pid, _CAP_STREAM])))
         infos.append({**shift_info, **({"rebalanced_in": moved[pid]} if moved.get(pid) else {})})
-    return FederatedData(data.dataset, info.num_classes, info.image_shape, clients, infos)
+    return FederatedData(data.dataset, info.num_classes, info.image_shape, clients, infos, modality=info.modality)
+
+
+_CAP_STREAM = 0xCA9
+
+
+def cap_rows(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``cap`` of ``rows`` (0 = all): a seeded subsample, in the original order."""
+    if cap <= 0 or len(rows) <= cap:
+        return rows
+    return rows[np.sort(rng.choice(len(rows), size=cap, replace=False))]
+
+
+def cap_train(client: ClientData, cap: int, rng: np.random.Generator) -> ClientData:
+    """``data.max_train_per_client``: at most ``cap`` training samples (0 = all), a seeded subsample kept in
+    its order; the test split is untouched."""
+    n = client.num_train
+    if cap <= 0 or n <= cap:
+        return client
+    keep = cap_rows(np.arange(n), cap, rng)
+    x = client.x_train
+    x = [x[i] for i in keep.tolist()] if isinstance(x, list) else x[torch.from_numpy(keep)]
+    return ClientData(x, client.y_train[torch.from_numpy(keep)], client.x_test, client.y_test)
 
 
 def _image_array(ds) -> np.ndarray:
