@@ -9,3 +9,7 @@ class ConfigError(ValueError):
     def __init__(self, field_name: str, message: str):
         self.field = field_name
         super().__init__(f"config field '{field_name}': {message}")
+
+
+class DataError(ValueError):
+    """The data cannot support the configured federation (e.g. a client with no test samples)."""

@@ -4,6 +4,7 @@ look-ups below see them all (the registry's table itself is :mod:`fedpers.data.r
 from __future__ import annotations
 
 from fedpers.data import datasets as _vision  # noqa: F401  (importing a defining module registers its datasets)
+from fedpers.data import dialogue as _dialogue  # noqa: F401
 from fedpers.data import text as _text  # noqa: F401
 from fedpers.data.registry import DatasetInfo, _get, _list
 

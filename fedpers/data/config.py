@@ -43,6 +43,13 @@ class ShiftConfig:
 
 
 @dataclass
+class DialogueConfig:
+    min_utterances: int = 100  # dialogue datasets (chitchat): a speaker is eligible with at least this many messages; 100 keeps 263 prolific speakers (enough own text to train and test on), 253 of them with examples in 2+ conversations (eligible)
+    context_turns: int = 1  # dialogue: preceding turns of the conversation in each example's context, oldest first; 1 = the partner's last turn, so every context is one user turn, as strict chat templates want
+    speaker_seed: int = 0  # dialogue: seeds the draw of run.num_clients speakers among the eligible ones; fixed apart from run.seed, so every seed and strategy sees the same speakers, and N speakers are the first N of a larger draw
+
+
+@dataclass
 class DataConfig:
     dataset: str = "digits"  # registered dataset name (see fedpers.data.list_datasets())
     path: Optional[str] = None  # local copy of a hub dataset (a Dataset.save_to_disk folder); None = download
@@ -52,3 +59,5 @@ class DataConfig:
     min_test_size: int = 1  # a client whose test split is smaller than this is too small
     min_client_size: int = 2  # a client with fewer samples (train + test) is too small
     small_client_policy: str = "error"  # too-small clients: error (fail with a message) | rebalance (move samples from the largest clients)
+    max_train_per_client: int = 0  # cap on each client's training examples after partitioning and the train/test split (a seeded subsample; the test split is untouched); 0 = no cap. Any dataset; few-shot chitchat runs use e.g. 32
+    dialogue: DialogueConfig = field(default_factory=DialogueConfig)  # dialogue datasets (modality llm, e.g. chitchat): speaker filter, context length, speaker draw

@@ -175,7 +175,3 @@ def load_fonts(path: str | None = None):
     table = pa.table({"image": image, "label": d["label"], "face": pa.array(d["face"].astype(str)),
                       "writer": pa.array(d["writer"].astype(str))})
     return Dataset(InMemoryTable(table))
-
-
-# The text datasets register themselves on import; importing them here (after the registry exists) means
-# every path to the registry sees them, whether or not the fedpers.data package exports were touched.

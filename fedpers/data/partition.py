@@ -16,20 +16,19 @@ import torch
 
 from fedpers.data.config import DataConfig, PartitionerConfig
 from fedpers.data.catalog import get_dataset_info
+from fedpers.errors import DataError  # noqa: F401  (re-exported: fedpers.data.DataError)
 
 log = logging.getLogger("fedpers")
 _ROW = "_fedpers_row"
 
 
-class DataError(ValueError):
-    """The data cannot support the configured federation (e.g. a client with no test samples)."""
-
-
 @dataclass
 class ClientData:
-    x_train: torch.Tensor | list[str]  # images (N, C, H, W), or strings for text datasets
-    y_train: torch.Tensor
-    x_test: torch.Tensor | list[str]
+    # images (N, C, H, W); strings for text datasets; for dialogue datasets (modality llm) example dicts
+    # {"context": [{"role", "content"}, ...], "target": str} (see fedpers.data.dialogue)
+    x_train: torch.Tensor | list[str] | list[dict]
+    y_train: torch.Tensor  # labels; llm: each example's conversation index (int64)
+    x_test: torch.Tensor | list[str] | list[dict]
     y_test: torch.Tensor
 
     @property
@@ -45,9 +44,15 @@ class FederatedData:
     clients: list[ClientData]
     # per client: its shift group and domain params or label map, samples moved in by rebalancing
     shift_info: list[dict] = field(default_factory=list)
+    # per client, dialogue datasets: speaker id, messages, conversations on each side, examples before the cap
+    client_info: list[dict] = field(default_factory=list)
+    modality: str = "vision"  # the dataset's: vision | text | llm
 
     def label_counts(self) -> np.ndarray:
-        """(num_clients, num_classes) label histogram over each client's train+test data."""
+        """(num_clients, num_classes) label histogram over each client's train+test data. Dialogue
+        datasets have no labels (y is a conversation index): one column, the client's example count."""
+        if self.modality == "llm":
+            return np.array([[len(c.y_train) + len(c.y_test)] for c in self.clients], dtype=np.int64)
         out = np.zeros((len(self.clients), self.num_classes), dtype=np.int64)
         for i, c in enumerate(self.clients):
             labels = torch.cat([c.y_train, c.y_test]).numpy()
@@ -84,6 +89,9 @@ def _build_cached(data_json: str, num_clients: int, seed: int) -> FederatedData:
 
     data = _data_from_json(data_json)
     info = get_dataset_info(data.dataset)
+    if info.modality == "llm":  # dialogue: one client per speaker, split by conversation
+
+        return _build_dialogue_federation(data, num_clients, seed)
     try:
         ds = info.loader(data.path)
     except Exception as e:  # hub/network/file errors all mean the same thing to the user
@@ -117,9 +125,31 @@ def _build_cached(data_json: str, num_clients: int, seed: int) -> FederatedData:
     clients, infos = [], []
     for pid, rows in enumerate(parts):
         client, shift_info = _split(inputs[rows], labels[rows], data, info.num_classes, pid, seed)
-        clients.append(client)
+        clients.append(cap_train(client, data.max_train_per_client, np.random.default_rng([seed, pid, _CAP_STREAM])))
         infos.append({**shift_info, **({"rebalanced_in": moved[pid]} if moved.get(pid) else {})})
-    return FederatedData(data.dataset, info.num_classes, info.image_shape, clients, infos)
+    return FederatedData(data.dataset, info.num_classes, info.image_shape, clients, infos, modality=info.modality)
+
+
+_CAP_STREAM = 0xCA9
+
+
+def cap_rows(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``cap`` of ``rows`` (0 = all): a seeded subsample, in the original order."""
+    if cap <= 0 or len(rows) <= cap:
+        return rows
+    return rows[np.sort(rng.choice(len(rows), size=cap, replace=False))]
+
+
+def cap_train(client: ClientData, cap: int, rng: np.random.Generator) -> ClientData:
+    """``data.max_train_per_client``: at most ``cap`` training samples (0 = all), a seeded subsample kept in
+    its order; the test split is untouched."""
+    n = client.num_train
+    if cap <= 0 or n <= cap:
+        return client
+    keep = cap_rows(np.arange(n), cap, rng)
+    x = client.x_train
+    x = [x[i] for i in keep.tolist()] if isinstance(x, list) else x[torch.from_numpy(keep)]
+    return ClientData(x, client.y_train[torch.from_numpy(keep)], client.x_test, client.y_test)
 
 
 def _image_array(ds) -> np.ndarray:
@@ -203,3 +233,56 @@ def _split(x_all: np.ndarray, y_all: np.ndarray, data: DataConfig, num_classes: 
     (x_tr, x_te), (y_tr, y_te), shift_info = apply_shift(data.shift, seed, pid, num_classes,
                                                          [x[train], x[test]], [y[train], y[test]])
     return ClientData(x_tr, y_tr, x_te, y_te), shift_info
+
+
+def _build_dialogue_federation(data, num_clients: int, seed: int):
+    """One client per drawn speaker, by flwr-datasets' NaturalIdPartitioner on ``user``; split by
+    conversation. ``data`` is a :class:`fedpers.data.config.DataConfig`."""
+    import torch
+    from datasets import Dataset
+
+    from fedpers.data.dialogue import _SPLIT_STREAM, choose_speakers, dialogues_of, split_by_conversation
+
+    info = get_dataset_info(data.dataset)
+    try:
+        d = dialogues_of(data.dataset, data.path)
+    except Exception as e:
+        raise DataError(f"data.dataset={data.dataset!r}: could not load: {type(e).__name__}: {e}") from e
+    p, dl = data.partitioner, data.dialogue
+    if p.name != "natural_id" or p.id_column != "user":
+        raise DataError(f"data.partitioner.name={p.name!r}, id_column={p.id_column!r}: dataset {data.dataset!r} "
+                        "has one client per speaker: use data.partitioner.name=natural_id with id_column=user")
+    chosen = choose_speakers(d, data.dataset, dl.min_utterances, data.min_client_size, num_clients, dl.speaker_seed)
+    rows = np.flatnonzero(d.is_example & np.isin(d.turn_speaker, chosen))
+    table = Dataset.from_dict({"user": [d.speakers[s] for s in d.turn_speaker[rows]],
+                               "label": np.zeros(len(rows), dtype=np.int64), _ROW: rows})
+    partitioner = make_partitioner(p, num_clients, seed, len(rows))
+    # Arrow format: NaturalIdPartitioner reads the id column whole, which datasets 4 otherwise converts
+    # row by row (seconds per 100k rows).
+    partitioner.dataset = table.with_format("arrow")
+    assert partitioner.num_partitions == num_clients, (partitioner.num_partitions, num_clients)
+    clients, client_info = [], []
+    for pid in range(num_clients):
+        turns = partitioner.load_partition(pid)[_ROW].to_numpy().astype(np.int64)
+        spk = int(d.turn_speaker[turns[0]])
+        assert (d.turn_speaker[turns] == spk).all()
+        train, test = split_by_conversation(d, turns, data.test_fraction,
+                                            np.random.default_rng([seed, spk, _SPLIT_STREAM]))
+        n_train_all = len(train)
+        train = cap_rows(train, data.max_train_per_client, np.random.default_rng([seed, spk, _CAP_STREAM]))
+        if len(test) < data.min_test_size:
+            raise DataError(f"client {pid} (speaker {d.speakers[spk]}) has {len(test)} test examples, fewer than "
+                            f"data.min_test_size={data.min_test_size}: raise data.test_fraction or "
+                            "data.dialogue.min_utterances")
+        clients.append(ClientData(
+            [d.example(int(i), dl.context_turns) for i in train],
+            torch.from_numpy(d.turn_conv[train].astype(np.int64)),
+            [d.example(int(i), dl.context_turns) for i in test],
+            torch.from_numpy(d.turn_conv[test].astype(np.int64)),
+        ))
+        client_info.append({"speaker": d.speakers[spk], "utterances": int(d.utterances[spk]),
+                            "examples_before_cap": n_train_all,
+                            "conversations_train": int(len(np.unique(d.turn_conv[train]))),
+                            "conversations_test": int(len(np.unique(d.turn_conv[test])))})
+    return FederatedData(data.dataset, info.num_classes, info.image_shape, clients,
+                         [{} for _ in clients], client_info=client_info, modality=info.modality)

@@ -18,7 +18,7 @@ class DatasetInfo:
     image_shape: tuple[int, int, int]
     loader: Callable[[], "object"]
     description: str
-    modality: str = "vision"  # vision: ``image`` column; text: ``text`` column (and optional ``user``)
+    modality: str = "vision"  # vision: ``image`` column; text: ``text`` column (and optional ``user``); llm: dialogue (fedpers.data.dialogue)
 
 
 _REGISTRY: dict[str, DatasetInfo] = {}

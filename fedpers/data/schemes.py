@@ -165,6 +165,14 @@ def validate_data(cfg: ExperimentConfig) -> None:
     num_classes = get_dataset_info(d.dataset).num_classes
     _require(p.name in _SCHEMES, "data.partitioner.name",
              f"unknown partitioner {p.name!r}; allowed: {', '.join(PARTITIONERS)}")
+    _require(d.max_train_per_client >= 0, "data.max_train_per_client",
+             f"must be >= 0 (0 = no cap), got {d.max_train_per_client}")
+    _require(d.dialogue.min_utterances >= 1, "data.dialogue.min_utterances",
+             f"must be >= 1, got {d.dialogue.min_utterances}")
+    _require(d.dialogue.context_turns >= 1, "data.dialogue.context_turns",
+             f"must be >= 1 (an example's context is never empty), got {d.dialogue.context_turns}")
+    if get_dataset_info(d.dataset).modality == "llm":
+        _validate_dialogue(cfg)
     used = set(get_scheme(p.name).fields)
     if "alpha" in used:
         _require(p.alpha > 0, "data.partitioner.alpha", f"must be > 0, got {p.alpha}")
@@ -213,3 +221,26 @@ def validate_data(cfg: ExperimentConfig) -> None:
     _require(d.min_client_size >= 1, "data.min_client_size", f"must be >= 1, got {d.min_client_size}")
     _require(d.small_client_policy in SMALL_CLIENT_POLICIES, "data.small_client_policy",
              f"unknown policy {d.small_client_policy!r}; allowed: {', '.join(SMALL_CLIENT_POLICIES)}")
+
+
+def _validate_dialogue(cfg: ExperimentConfig) -> None:
+    """Dialogue datasets (modality llm): one client per speaker, and enough eligible speakers. Counting
+    them parses the dataset (cached per process, a few seconds the first time)."""
+    from fedpers.data.dialogue import dialogues_of, eligible_speakers, too_few_speakers
+
+    d, p = cfg.data, cfg.data.partitioner
+    _require(p.name == "natural_id", "data.partitioner.name",
+             f"dataset {d.dataset!r} has one client per speaker; allowed: natural_id "
+             f"(with data.partitioner.id_column=user), got {p.name!r}")
+    _require(p.id_column == "user", "data.partitioner.id_column",
+             f"dataset {d.dataset!r} splits by speaker; allowed: user, got {p.id_column!r}")
+    _require(d.shift.name == "none", "data.shift.name",
+             f"dataset {d.dataset!r} is dialogue, its speakers differ by nature; allowed: none, got {d.shift.name!r}")
+    try:
+        dia = dialogues_of(d.dataset, d.path)
+    except Exception as e:  # a missing package or a bad copy in data.path
+        raise ConfigError("data.path", f"dataset {d.dataset!r} could not load: {type(e).__name__}: {e}") from e
+    m, n = d.dialogue.min_utterances, cfg.run.num_clients
+    eligible = len(eligible_speakers(dia, m, d.min_client_size))
+    _require(eligible >= n, "data.dialogue.min_utterances",
+             too_few_speakers(d.dataset, eligible, len(dia.speakers), m, d.min_client_size, n))

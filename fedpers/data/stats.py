@@ -9,6 +9,9 @@ each client's label distribution with the pooled one:
 
 Neither sees feature or concept shift under an IID label split; the ``shift`` section of the report
 describes those (domains per client, label maps and how much clients disagree about labels).
+
+Dialogue datasets (modality ``llm``) have no labels: their report counts examples and conversations per
+client (clients.csv, examples_per_client.png) and sizes only in heterogeneity.json.
 """
 
 from __future__ import annotations
@@ -56,7 +59,37 @@ def concept_disagreement(shift_info: list[dict]) -> float | None:
     return float(np.mean(pairs))
 
 
+def size_summary(sizes) -> dict:
+    """Quantity skew of client sizes (train + test)."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    return {"size_min": int(sizes.min()), "size_max": int(sizes.max()), "size_mean": float(sizes.mean()),
+            "size_cv": float(sizes.std() / sizes.mean())}
+
+
+def dialogue_report(fed: FederatedData) -> dict:
+    """Report of a dialogue federation: examples and conversations per client, no label statistics."""
+    info = fed.client_info or [{} for _ in fed.clients]
+    num_train = [c.num_train for c in fed.clients]
+    num_test = [int(c.y_test.shape[0]) for c in fed.clients]
+    return {
+        "dataset": fed.dataset,
+        "modality": fed.modality,
+        "num_clients": len(fed.clients),
+        "num_train": num_train,
+        "num_test": num_test,
+        # y is each example's conversation index
+        "conversations_train": [len(np.unique(c.y_train.numpy())) for c in fed.clients],
+        "conversations_test": [len(np.unique(c.y_test.numpy())) for c in fed.clients],
+        "speakers": [i.get("speaker") for i in info],
+        "examples_before_cap": [i.get("examples_before_cap", n) for i, n in zip(info, num_train)],
+        "heterogeneity": size_summary([a + b for a, b in zip(num_train, num_test)]),
+        "shift": {"per_client": fed.shift_info},
+    }
+
+
 def report(fed: FederatedData) -> dict:
+    if fed.modality == "llm":
+        return dialogue_report(fed)
     counts = fed.label_counts()
     shift = {"per_client": fed.shift_info}
     groups = {i.get("group") for i in fed.shift_info if "group" in i}
@@ -94,7 +127,7 @@ def label_partitioner(fed: FederatedData):
 
 
 REPORT_FILES = ("partitions.json", "heterogeneity.json", "label_counts.csv", "label_distribution.png",
-                "label_heatmap.png", "domains.png")
+                "label_heatmap.png", "domains.png", "clients.csv", "examples_per_client.png")
 
 
 def write_report(fed: FederatedData, out: str | Path, setting: str | None = None, plots: bool = True) -> dict:
@@ -107,6 +140,9 @@ def write_report(fed: FederatedData, out: str | Path, setting: str | None = None
         (out / name).unlink(missing_ok=True)
     rep = report(fed)
     (out / "partitions.json").write_text(json.dumps(rep, indent=1))
+    if fed.modality == "llm":
+        _write_dialogue_report(fed, out, setting, plots, rep)
+        return rep
     summary = {k: v for k, v in rep["heterogeneity"].items() if not k.startswith("per_client")}
     if "label_disagreement" in rep["shift"]:
         summary["label_disagreement"] = rep["shift"]["label_disagreement"]
@@ -119,6 +155,41 @@ def write_report(fed: FederatedData, out: str | Path, setting: str | None = None
     if plots:
         plot_report(fed, out, report_title(fed, setting, summary), rep)
     return rep
+
+
+DIALOGUE_COLUMNS = ("num_train", "num_test", "conversations_train", "conversations_test", "examples_before_cap")
+
+
+def _write_dialogue_report(fed: FederatedData, out: Path, setting: str | None, plots: bool, rep: dict) -> None:
+    """heterogeneity.json (sizes), clients.csv and examples_per_client.png of a dialogue federation."""
+    (out / "heterogeneity.json").write_text(json.dumps(rep["heterogeneity"], indent=2, sort_keys=True))
+    with (out / "clients.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["client", "speaker", *DIALOGUE_COLUMNS])
+        for i in range(rep["num_clients"]):
+            w.writerow([i, rep["speakers"][i], *[rep[k][i] for k in DIALOGUE_COLUMNS]])
+    if not plots:
+        return
+    import matplotlib.pyplot as plt
+
+    n = rep["num_clients"]
+    tr, te = np.asarray(rep["num_train"]), np.asarray(rep["num_test"])
+    het = rep["heterogeneity"]
+    head = f"{fed.dataset}, {n} clients" + (f", {setting}" if setting else "")
+    title = (f"{head}\nexamples per client: {het['size_min']}-{het['size_max']} (mean {het['size_mean']:.0f}, "
+             f"coefficient of variation {het['size_cv']:.2f})")
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.32 * min(n, 60)))
+    ax.barh(np.arange(n), tr, color="#4C72B0", label="train")
+    ax.barh(np.arange(n), te, left=tr, color="#DD8452", label="test")
+    ax.set_yticks(np.arange(n), [f"client {i} (conversations: {a} train, {b} test)" for i, (a, b) in
+                                  enumerate(zip(rep["conversations_train"], rep["conversations_test"]))],
+                  fontsize=8 if n <= 30 else 4)
+    ax.invert_yaxis()
+    ax.set_xlabel("examples (a speaker's turns with context)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.savefig(out / "examples_per_client.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def client_labels(rep: dict) -> list[str]:
