@@ -53,7 +53,8 @@ def client_tensor_shapes(cfg: ExperimentConfig, num_classes: int, dim: int) -> d
         shapes = {"deep_prompts": (backbone_depth(cfg.model.backbone), k, dim)}
     else:
         shapes = dict(adapter_shapes(cfg.model, dim))
-    shapes.update({"head.weight": (num_classes, dim), "head.bias": (num_classes,)})
+    if cfg.model.modality != "llm":  # an LLM's personal part is its adapter: no classification head
+        shapes.update({"head.weight": (num_classes, dim), "head.bias": (num_classes,)})
     if getattr(cfg.strategy, "trains_backbone", False):
         shapes.update({k: tuple(v.shape) for k, v in backbone_tensors(cfg).items()})
     return shapes
@@ -149,6 +150,10 @@ def initial_tensor(ctx: ClientContext, name: str) -> torch.Tensor:
     shape = ctx.shapes[name]
     if name.startswith(BACKBONE):
         return backbone_tensors(ctx.cfg)[name].clone()
+    if name == "prompts" and ctx.cfg.model.modality == "llm":
+        # peft's own initialisation (soft prompts: embeddings of sampled vocabulary tokens): random
+        # N(0, std) vectors are far larger than an LM's token embeddings and wreck the frozen model
+        return ctx.model.read_tensors()["prompts"].clone()
     if name in ("prompts", "deep_prompts"):
         g = torch.Generator().manual_seed(seed_for(ctx.cfg.run.seed, ctx.partition_id, 0x9A))
         return torch.randn(*shape, generator=g) * ctx.cfg.model.prompt_init_std
@@ -284,6 +289,8 @@ def fit(
     opt = torch.optim.SGD([tensors[n] for n in names], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
     g = ctx.generator(*((salt,) if salt else ()))
     data = ctx.data
+    if ctx.model.modality == "llm":
+        return _fit_llm(ctx, tensors, names, opt, g, limit, extra_loss, view)
     frozen = cacheable(tensors)
     tokens = batch_tokens(ctx, data.x_train) if frozen else None
     x_train = None if frozen else ctx.model.prepare(data.x_train)
@@ -317,9 +324,52 @@ def fit(
     return losses
 
 
+def _fit_llm(ctx, tensors, names, opt, g, limit, extra_loss, view) -> list[float]:
+    """:func:`fit` for a causal LM: the next-token loss on the reply tokens only (the context masked),
+    mini-batches drawn exactly as for the other modalities."""
+    prepared = ctx.model.prepare(ctx.data.x_train)
+    n, b = ctx.data.num_train, ctx.cfg.client.batch_size
+    losses: list[float] = []
+    while len(losses) < limit:
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, b):
+            if len(losses) == limit:
+                break
+            used = view(tensors) if view is not None else tensors
+            loss = ctx.model.lm_loss(prepared.select(order[i : i + b]), used)
+            if extra_loss is not None:
+                loss = loss + extra_loss(tensors)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    for k in names:
+        tensors[k] = tensors[k].detach()
+    return losses
+
+
+@torch.no_grad()
+def lm_scores(ctx: ClientContext, tensors: dict[str, torch.Tensor], examples: list | None = None,
+              prepared=None) -> tuple[float, float, int]:
+    """(mean NLL per target token, next-token accuracy, target tokens) of a causal LM client on its
+    test split (or ``examples``). Token-weighted: perplexity is ``exp`` of the first number."""
+    batch = prepared if prepared is not None else ctx.model.prepare(ctx.data.x_test if examples is None else examples)
+    nll = tokens = correct = 0
+    for part in batch.by_length(max(1, ctx.cfg.client.batch_size)):
+        a, n, c = ctx.model.token_stats(part, tensors)
+        nll, tokens, correct = nll + a, tokens + n, correct + c
+    if tokens == 0:
+        return float("nan"), float("nan"), 0
+    return float(nll / tokens), float(correct / tokens), int(tokens)
+
+
 @torch.no_grad()
 def evaluate(ctx: ClientContext, tensors: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """(loss, accuracy) of the client's model on its own test split."""
+    """(loss, accuracy) of the client's model on its own test split. For a causal LM: the mean NLL of
+    the reply tokens (perplexity = exp) and the next-token accuracy, both token-weighted."""
+    if ctx.model.modality == "llm":
+        loss, acc, _ = lm_scores(ctx, tensors)
+        return loss, acc
     if not cacheable(tensors):
         out = logits(ctx, ctx.model.prepare(ctx.data.x_test), tensors)
     else:
@@ -350,6 +400,8 @@ def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], re
     test_loss, test_acc = eval_result or evaluate(ctx, eval_tensors if eval_tensors is not None else trained)
     if ctx.cfg.run.cross_eval:  # the model just evaluated, kept for the cross-evaluation after training
         stash_for_cross_eval(state, eval_tensors if eval_tensors is not None else trained)
+    if ctx.model.modality == "llm":
+        write_generations(ctx, eval_tensors if eval_tensors is not None else trained)
     per_epoch = steps_per_epoch(ctx)
     metrics = {
         "train_loss": float(np.mean(losses[-per_epoch:])) if losses else float("nan"),
@@ -360,6 +412,31 @@ def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], re
         **(extra_metrics or {}),
     }
     return Reply(ctx.partition_id, arrays, ctx.data.num_train, metrics), state
+
+
+def write_generations(ctx: ClientContext, tensors: dict[str, torch.Tensor], examples: list | None = None) -> None:
+    """Greedy replies of a causal-LM client to its first ``model.llm.generations`` test examples, written
+    (context, reference, generated) to ``<output_dir>/generations/client_<id>.jsonl`` from the last
+    training round on, so a reader sees what personalization does to each speaker's replies. Simulation
+    only: a deployed client's results folder is not the server's."""
+    import json
+    from pathlib import Path
+
+    m = ctx.cfg.model.llm
+    if m.generations <= 0 or ctx.server_round < ctx.cfg.run.rounds:
+        return
+    out = Path(ctx.cfg.run.output_dir)
+    if not out.is_dir():
+        return
+    chosen = (ctx.data.x_test if examples is None else examples)[: m.generations]
+    replies = ctx.model.generate(list(chosen), tensors, max_new_tokens=m.max_new_tokens)
+    folder = out / "generations"
+    folder.mkdir(exist_ok=True)
+    rows = [{"round": ctx.server_round, "context": e["context"], "reference": e["target"], "generated": r}
+            for e, r in zip(chosen, replies)]
+    tmp = folder / f".client_{ctx.partition_id}.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(folder / f"client_{ctx.partition_id}.jsonl")
 
 
 CROSS_EVAL_STASH = "cross_eval/"  # state prefix of the model a client last evaluated itself with

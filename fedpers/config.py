@@ -31,7 +31,7 @@ from fedpers.data.config import (  # noqa: F401  (re-exported: the data layer ow
 )
 from fedpers.errors import ConfigError  # re-exported: callers import fedpers.config.ConfigError
 
-MODALITIES = ("vision", "text")
+MODALITIES = ("vision", "text", "llm")
 ADAPTERS = ("prompt", "prefix", "lora")
 ENGINES = ("flower", "fast", "inprocess")
 DEVICES = ("cpu", "cuda", "cuda:N")
@@ -80,12 +80,23 @@ class LoraModelConfig:
 
 
 @dataclass
+class LlmModelConfig:
+    context_tokens: int = 96  # llm: prompt budget in tokens (chat template and system prompt included); the most recent whole turns that fit are kept
+    target_tokens: int = 32  # llm: reply budget in tokens (end-of-turn token included); longer replies are cut
+    system_prompt: str = "You are a helpful assistant."  # llm: the system turn of every example (a short one: a template's own default can cost tens of tokens)
+    lora_from_layer: int = 0  # llm: LoRA only on decoder layers >= L, the frozen layers below computed once per batch and cached (0 = every layer)
+    generations: int = 3  # llm: greedy replies to this many test examples per client written to <output_dir>/generations/ after the last round (0 = none)
+    max_new_tokens: int = 32  # llm: longest generated reply
+
+
+@dataclass
 class ModelConfig:
     modality: str = "vision"  # vision: timm ViT + visual prompts | text: Hugging Face language model + peft adapter
     backbone: str = "vit_fedpers_digits"  # vision: any timm ViT name; text: a hub model name or local folder (offline default: all-MiniLM-L6-v2)
     adapter: str = "prompt"  # prompt: soft/visual prompts | prefix: prefix tuning (text) | lora: LoRA (text)
     max_length: int = 64  # text: tokens per example (truncated / padded)
     lora: LoraModelConfig = field(default_factory=LoraModelConfig)
+    llm: LlmModelConfig = field(default_factory=LlmModelConfig)
     pretrained: bool = True  # load the backbone's pretrained weights (timm hub or fedpers' bundled file)
     checkpoint: Optional[str] = None  # local weights file for the backbone (overrides pretrained)
     num_prompts: int = 10  # K prompts: visual prompts after the [CLS] token; text: soft-prompt / prefix virtual tokens
@@ -299,10 +310,21 @@ def check_fields(cfg: ExperimentConfig) -> None:
 
     _require(m.modality in MODALITIES, "model.modality", f"unknown modality {m.modality!r}; allowed: {', '.join(MODALITIES)}")
     _require(m.adapter in ADAPTERS, "model.adapter", f"unknown adapter {m.adapter!r}; allowed: {', '.join(ADAPTERS)}")
-    _require(m.modality == "text" or m.adapter == "prompt", "model.adapter",
-             f"{m.adapter!r} needs model.modality=text; vision supports: prompt")
+    _require(m.modality != "vision" or m.adapter == "prompt", "model.adapter",
+             f"{m.adapter!r} needs model.modality=text or llm; vision supports: prompt")
     _require(m.modality != "text" or d.shift.name != "domain", "data.shift.name",
              "domain shift transforms images; with model.modality=text use: none, concept")
+    if m.modality == "llm":
+        lm = m.llm
+        _require(lm.context_tokens >= 8, "model.llm.context_tokens", f"must be >= 8, got {lm.context_tokens}")
+        _require(lm.target_tokens >= 1, "model.llm.target_tokens", f"must be >= 1, got {lm.target_tokens}")
+        _require(lm.lora_from_layer >= 0, "model.llm.lora_from_layer", f"must be >= 0, got {lm.lora_from_layer}")
+        _require(lm.lora_from_layer == 0 or m.adapter == "lora", "model.llm.lora_from_layer",
+                 f"restricts LoRA to the top layers: needs model.adapter=lora, not {m.adapter!r}")
+        _require(lm.generations >= 0, "model.llm.generations", f"must be >= 0, got {lm.generations}")
+        _require(lm.max_new_tokens >= 1, "model.llm.max_new_tokens", f"must be >= 1, got {lm.max_new_tokens}")
+        _require(not r.batch_clients, "run.batch_clients",
+                 "the batched trainer is for ViTs and text encoders; with model.modality=llm set it to false")
     _require(m.max_length >= 2, "model.max_length", f"must be >= 2, got {m.max_length}")
     _require(m.lora.r >= 1, "model.lora.r", f"must be >= 1, got {m.lora.r}")
     _require(m.lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {m.lora.alpha}")

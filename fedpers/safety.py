@@ -73,16 +73,17 @@ def memory_lower_bound_bytes(cfg: ExperimentConfig) -> int:
 
     m = cfg.model
     num_classes = get_dataset_info(cfg.data.dataset).num_classes
-    if m.modality == "text":
+    if m.modality in ("text", "llm"):
         from fedpers.models.backbones import load_model
 
-        dim, depth, tokens = load_model(m).embed_dim, 1, m.max_length + m.num_prompts
+        length = m.llm.context_tokens + m.llm.target_tokens if m.modality == "llm" else m.max_length
+        dim, depth, tokens = load_model(m).embed_dim, 1, length + m.num_prompts
     else:
         dim, depth, patches = _vit_dims(m.backbone, m.img_size)
         tokens = 1 + m.num_prompts + patches
     shapes = client_tensor_shapes(cfg, num_classes, dim)
     per_client = sum(int(np.prod(s, dtype=np.float64)) for s in shapes.values())
-    head = num_classes * (dim + 1)
+    head = 0 if m.modality == "llm" else num_classes * (dim + 1)  # an LLM client has no head
     floats = 3 * per_client + cfg.run.num_clients * head + depth * tokens * dim + tokens * tokens
     return int(4 * floats)
 

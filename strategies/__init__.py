@@ -27,6 +27,7 @@ from strategies import (  # noqa: E402,F401  (registration side effects)
     flora,
     hetlora,
     local,
+    llm_references,
     lora_baselines,
     pfedhn,
     pfedlora_gen,

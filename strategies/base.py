@@ -63,7 +63,7 @@ class Strategy(ABC):
         """``(sends, personal)`` for these client tensors. Strategies whose tensor names depend on the
         model (LoRA factors are named after the modules they wrap) override this; the server and the
         client both call it, so they always agree."""
-        return cls.sends, cls.personal
+        return tuple(n for n in cls.sends if n in shapes), tuple(n for n in cls.personal if n in shapes)
 
     @classmethod
     def client_update(cls, ctx, received: dict[str, np.ndarray], state: dict[str, np.ndarray]):
@@ -139,6 +139,15 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     # so it never has to look the strategy up by name; the strategy class stays the one place it is set.
     for flag in ("deep_prompts", "trains_backbone"):
         setattr(cls.config_cls, flag, getattr(cls, flag))
+    # Roles name only tensors the client has: an LLM client has no head, so HEAD in a strategy's
+    # ``personal`` simply does not apply there (one place, instead of every tensor_roles override).
+    roles = cls.tensor_roles.__func__
+
+    def present_roles(c, shapes):
+        sends, personal = roles(c, shapes)
+        return tuple(n for n in sends if n in shapes), tuple(n for n in personal if n in shapes)
+
+    cls.tensor_roles = classmethod(present_roles)
     _REGISTRY[cls.name] = cls
     return cls
 

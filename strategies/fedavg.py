@@ -27,6 +27,7 @@ def global_model_update(ctx, received, state, sends, extra_loss=None):
 @register_strategy
 class FedAvg(Averaging):
     name = "fedavg"
+    modalities = ("vision", "text", "llm")
     summary = "FedAvg of prompts and head (one global model, evaluated on each client's test split)"
     config_cls = FedAvgConfig
     sends = ("prompts", *HEAD)
@@ -34,4 +35,4 @@ class FedAvg(Averaging):
 
     @classmethod
     def client_update(cls, ctx, received, state):
-        return global_model_update(ctx, received, state, cls.sends)
+        return global_model_update(ctx, received, state, cls.tensor_roles(ctx.shapes)[0])

@@ -135,6 +135,7 @@ def local_only(shapes, tensors):
 @register_strategy
 class FedDPA(_LoraAvg):
     name = "feddpa"
+    modalities = ("text",)  # its per-instance weighting reads pooled encoder features (fedpers.models.text)
     summary = ("global LoRA averaged + local LoRA kept (each round: the local one against the frozen global, then "
                "the global alone), mixed per test instance by feature similarity (FedDPA-T)")
     config_cls = FedDPAConfig

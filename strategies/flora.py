@@ -73,7 +73,7 @@ class FLora(Strategy):
     name = "flora"
     summary = "fresh LoRA per round; server stacks the clients' factors (sum of BA products, any ranks) and merges them into the frozen weight (FLoRA)"
     config_cls = FLoraConfig
-    modalities = ("text",)
+    modalities = ("text", "llm")
     adapters = ("lora",)
 
     @classmethod

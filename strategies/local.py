@@ -15,6 +15,7 @@ class LocalConfig(StrategyConfig):
 @register_strategy
 class Local(Strategy):
     name = "local"
+    modalities = ("vision", "text", "llm")
     summary = "no federation: personal prompts and head per client (lower bound on collaboration)"
     config_cls = LocalConfig
     sends = ()

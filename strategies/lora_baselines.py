@@ -23,7 +23,7 @@ FFA_A_SALT = 0xFFA  # ffa_lora's frozen A: one seeded draw shared by server and 
 class _LoraAvg(Strategy):
     """FedAvg over the LoRA factors this strategy sends."""
 
-    modalities = ("text",)
+    modalities = ("text", "llm")
     adapters = ("lora",)
 
     def __init__(self, config, *, num_clients, shapes, seed, init_std=0.5):

@@ -74,6 +74,7 @@ class HyperNetwork(Generator):
 @register_strategy
 class PFedHN(GeneratorStrategy):
     name = "pfedhn"
+    modalities = ("vision", "text", "llm")
     summary = "MLP hypernetwork from a learnable client embedding to its prompts, chain-rule update (pFedHN)"
     config_cls = PFedHNConfig
 

@@ -92,7 +92,7 @@ class PFedLoraGen(Strategy):
     name = "pfedlora_gen"
     summary = "server-side attention generator of client-specific LoRA factors, chain-rule update (pFedPG for LoRA)"
     config_cls = PFedLoraGenConfig
-    modalities = ("text",)
+    modalities = ("text", "llm")
     adapters = ("lora",)
 
     @classmethod

@@ -65,6 +65,7 @@ class PromptGenerator(Generator):
 @register_strategy
 class PFedPG(GeneratorStrategy):
     name = "pfedpg"
+    modalities = ("vision", "text", "llm")
     summary = "server-side attention generator of client-specific prompts, chain-rule update (pFedPG, ICCV'23)"
     config_cls = PFedPGConfig
 

@@ -14,7 +14,8 @@ import torch
 from fedpers.config import ConfigError, DataConfig, ExperimentConfig, PartitionerConfig, RunConfig
 from fedpers.data import DataError, build_federated
 from fedpers.data.config import DialogueConfig
-from fedpers.data.dialogue import build_dialogue_federation, chitchat_json, load_dialogues
+from fedpers.data.dialogue import chitchat_json, load_dialogues
+from fedpers.data.partition import _build_dialogue_federation as build_dialogue_federation
 from fedpers.data.partition import _build_cached
 from fedpers.data.schemes import validate_data
 

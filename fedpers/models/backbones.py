@@ -17,6 +17,10 @@ from torch import nn
 
 
 def load_model(m) -> nn.Module:
+    if m.modality == "llm":
+        from fedpers.models.llm import llm_model_from_config
+
+        return llm_model_from_config(m)
     if m.modality == "text":
         from fedpers.models.text import text_model_from_config
 
@@ -27,7 +31,7 @@ def load_model(m) -> nn.Module:
 
 
 def feature_dim(m) -> int:
-    if m.modality == "text":
+    if m.modality in ("text", "llm"):
         return load_model(m).embed_dim
     from fedpers.models.prompted import backbone_embed_dim
 
@@ -35,6 +39,6 @@ def feature_dim(m) -> int:
 
 
 def adapter_shapes(m, dim: int) -> dict[str, tuple[int, ...]]:
-    if m.modality == "text":
+    if m.modality in ("text", "llm"):
         return load_model(m).tensor_shapes()
     return {"prompts": (m.num_prompts, dim)}

@@ -33,6 +33,15 @@ def _stats(acc: dict[int, float]) -> dict[str, float]:
     }
 
 
+def perplexity_stats(loss: dict[int, float]) -> dict[str, float]:
+    """Per-client perplexities ``exp(mean NLL per reply token)``: their mean, and the mean of the worst
+    10% (the highest perplexities), as accuracy's worst-10% takes the lowest accuracies."""
+    ppl = [math.exp(v) for v in loss.values() if math.isfinite(v)]
+    if not ppl:
+        return {"perplexity_mean": float("nan"), "perplexity_worst10": float("nan")}
+    return {"perplexity_mean": float(np.mean(ppl)), "perplexity_worst10": -worst_fraction_mean([-p for p in ppl])}
+
+
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
@@ -72,6 +81,8 @@ class Ledger:
         self.metrics_path = self.out / "metrics.jsonl"
         rows = (resume or {}).get("rows", [])
         self.last_acc: dict[int, float] = {int(k): v for k, v in (resume or {}).get("last_acc", {}).items()}
+        # each client's last test loss: an LLM client's mean NLL per reply token (its perplexity is exp)
+        self.last_loss: dict[int, float] = {int(k): v for k, v in (resume or {}).get("last_loss", {}).items()}
         self.metrics_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         # metrics.jsonl is the full record; memory keeps each round without its per-client metrics, so a
         # run with many clients does not grow by a dict per client per round.
@@ -90,7 +101,8 @@ class Ledger:
 
     def state_dict(self) -> dict:
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
-        return {"rows": rows, "last_acc": {str(k): v for k, v in self.last_acc.items()}}
+        return {"rows": rows, "last_acc": {str(k): v for k, v in self.last_acc.items()},
+                "last_loss": {str(k): v for k, v in self.last_loss.items()}}
 
     def record_round(self, server_round: int, *, sampled: list[int], ok: list[Reply], failed: list[Failure],
                      applied: bool, bytes_down: dict[int, int], server_metrics: dict, seconds: float,
@@ -98,6 +110,7 @@ class Ledger:
         """``rejected``: why an aggregate was rolled back and by whose updates (None when it was not)."""
         acc = {u.partition_id: float(u.metrics["test_accuracy"]) for u in ok}
         self.last_acc.update(acc)
+        self.last_loss.update({u.partition_id: float(u.metrics["test_loss"]) for u in ok})
         up = [serialized_nbytes(u.arrays) for u in ok]
         timed_out = [f for f in failed if f.kind in TIMED_OUT_KINDS]
         if len(ok) + len(failed) != len(sampled):
@@ -159,6 +172,12 @@ class Ledger:
         final["unseen_accuracy_worst10"] = u["accuracy_worst10"] if unseen_acc else None
         if self.cross_eval is not None:
             final["cross_eval"] = self.cross_eval
+        if self.cfg.model.modality == "llm":
+            final.update(perplexity_stats(self.last_loss))
+            unseen_loss = (self.unseen or {}).get("per_client_loss") or {}
+            pu = perplexity_stats({int(k): v for k, v in unseen_loss.items()})
+            final["unseen_perplexity_mean"] = pu["perplexity_mean"] if unseen_loss else None
+            final["unseen_perplexity_worst10"] = pu["perplexity_worst10"] if unseen_loss else None
         summary = {
             "strategy": self.strategy_name,
             "rounds": len(self.rows),

@@ -210,6 +210,7 @@ def personalize_unseen(cfg: ExperimentConfig, strategy: Strategy, transport: Tra
     exchange is its unseen-client accuracy."""
     r = cfg.run
     acc: dict[int, float] = {}
+    loss: dict[int, float] = {}
     failures: list[dict] = []
     for i in range(1, r.unseen_rounds + 1):
         server_round = r.rounds + i  # distinct seeds from every training round
@@ -219,9 +220,10 @@ def personalize_unseen(cfg: ExperimentConfig, strategy: Strategy, transport: Tra
         failures += [{"round": server_round, "partition_id": f.partition_id, "kind": f.kind, "reason": f.reason}
                      for f in failed]
         acc.update({u.partition_id: float(u.metrics["test_accuracy"]) for u in ok})
+        loss.update({u.partition_id: float(u.metrics["test_loss"]) for u in ok})
         strategy.adapt_unseen(server_round, _updates(ok, r.max_num_examples))
     log.info("unseen clients %s: accuracy mean %.3f", pids, float(np.mean(list(acc.values()))) if acc else float("nan"))
-    return {"partition_ids": pids, "per_client": acc, "failures": failures}
+    return {"partition_ids": pids, "per_client": acc, "per_client_loss": loss, "failures": failures}
 
 
 def _progress(it, enabled: bool):
