@@ -63,7 +63,7 @@ class Strategy(ABC):
         """``(sends, personal)`` for these client tensors. Strategies whose tensor names depend on the
         model (LoRA factors are named after the modules they wrap) override this; the server and the
         client both call it, so they always agree."""
-        return tuple(n for n in cls.sends if n in shapes), tuple(n for n in cls.personal if n in shapes)
+        return cls.sends, cls.personal
 
     @classmethod
     def client_update(cls, ctx, received: dict[str, np.ndarray], state: dict[str, np.ndarray]):
@@ -139,13 +139,20 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     # so it never has to look the strategy up by name; the strategy class stays the one place it is set.
     for flag in ("deep_prompts", "trains_backbone"):
         setattr(cls.config_cls, flag, getattr(cls, flag))
-    # Roles name only tensors the client has: an LLM client has no head, so HEAD in a strategy's
-    # ``personal`` simply does not apply there (one place, instead of every tensor_roles override).
+    # Roles name only tensors the client has: an LLM client has no head, so HEAD in a strategy's roles
+    # (or a strategy's own copy of it, e.g. APFL's ``personal.head.weight``) simply does not apply there
+    # (one place, instead of every tensor_roles override). Other names a strategy adds (a local adapter,
+    # a mixing weight) are its own and are kept.
     roles = cls.tensor_roles.__func__
 
     def present_roles(c, shapes):
+        absent = [h for h in HEAD if h not in shapes]
+
+        def keep(n):
+            return not any(n == h or n.endswith("." + h) for h in absent)
+
         sends, personal = roles(c, shapes)
-        return tuple(n for n in sends if n in shapes), tuple(n for n in personal if n in shapes)
+        return tuple(n for n in sends if keep(n)), tuple(n for n in personal if keep(n))
 
     cls.tensor_roles = classmethod(present_roles)
     _REGISTRY[cls.name] = cls

@@ -34,3 +34,47 @@ def tiny_llama(vocab: int, tie: bool = True, seed: int = 0, layers: int = 2):
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=tie, pad_token_id=1, bos_token_id=2, eos_token_id=3)
     return LlamaForCausalLM(cfg).eval()
+
+
+_FOLDER = {}
+
+
+def tiny_llm_folder() -> str:
+    """A tiny random Llama and the word-level ChatML tokenizer saved as a local model folder (once per
+    process): what ``model.backbone`` takes for an offline causal LM in end-to-end tests."""
+    if "path" not in _FOLDER:
+        import tempfile
+
+        tok = tiny_tokenizer()
+        dest = tempfile.mkdtemp(prefix="fedpers-tiny-llama-")
+        tiny_llama(len(tok)).save_pretrained(dest)
+        tok.save_pretrained(dest)
+        _FOLDER["path"] = dest
+    return _FOLDER["path"]
+
+
+def llm_tiny_overrides(out_dir, adapter: str = "lora", **extra) -> list[str]:
+    """A tiny chitchat federation on the tiny Llama: 4 speakers, 8 training replies each, short budgets."""
+    from tests.conftest import tiny_overrides
+
+    llm = {
+        "model.modality": "llm",
+        "model.backbone": tiny_llm_folder(),
+        "model.adapter": adapter,
+        "model.num_prompts": 4,
+        "model.lora.r": 4,
+        "model.llm.context_tokens": 40,
+        "model.llm.target_tokens": 12,
+        "model.llm.generations": 1,
+        "model.llm.max_new_tokens": 4,
+        "data.dataset": "chitchat",
+        "data.partitioner.name": "natural_id",
+        "data.partitioner.id_column": "user",
+        "data.max_train_per_client": 8,
+        "run.num_clients": 4,
+        "run.clients_per_round": 4,
+        "client.batch_size": 4,
+        "client.lr": 0.01,
+    }
+    llm.update(extra)
+    return tiny_overrides(out_dir, **llm)

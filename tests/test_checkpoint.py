@@ -175,10 +175,16 @@ def test_every_strategy_resumes_bit_identical(tmp_path, name):
     from strategies import get_strategy_class
     from tests.conftest import text_tiny_overrides
 
-    text_only = "vision" not in get_strategy_class(name).modalities
+    modalities = get_strategy_class(name).modalities
+    text_only = "vision" not in modalities
 
     def cfg_for(out, **kw):
         kw = {"strategy.name": name, **kw}
+        if modalities == ("llm",):  # LLM references: the tiny chitchat federation on a tiny Llama
+            from tests.llm_helpers import llm_tiny_overrides
+
+            return load_config(None, llm_tiny_overrides(out, "lora", **{
+                "run.rounds": ROUNDS, "run.num_clients": 4, "run.clients_per_round": 3, **kw}))
         if text_only:  # LoRA strategies: the tiny text federation, same schedule
             return load_config(None, text_tiny_overrides(out, "lora", **{
                 "run.rounds": ROUNDS, "run.num_clients": 4, "run.clients_per_round": 3, **kw}))

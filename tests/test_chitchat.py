@@ -119,7 +119,7 @@ def test_one_speaker_per_client_with_all_their_examples(fed, reference):
         assert c.num_train + len(c.y_test) == n_ref  # no cap by default: every example of the speaker
         assert reference["messages"][speakers[pid]] >= 100  # data.dialogue.min_utterances default
     # held-out (unseen) clients are drawn among these partitions by run.holdout_clients
-    from fedpers.server import split_clients
+    from fedpers.experiment import split_clients
 
     train, held = split_clients(RunConfig(num_clients=NUM_CLIENTS, holdout_clients=2))
     assert len(held) == 2 and sorted(train + held) == list(range(NUM_CLIENTS))

@@ -162,7 +162,7 @@ def test_generator_gradient_is_clipped_to_server_grad_clip(steps):
 def test_pfedhn_paper_config_clips_at_50():
     from pathlib import Path
 
-    from fedpers.config import load_config
+    from fedpers.experiment import load_config
 
     paper = load_config(Path(__file__).resolve().parents[1] / "experiments/configs/pfedhn_paper.yaml", []).strategy
     assert paper.server_steps == "per_reply" and paper.server_grad_clip == 50
