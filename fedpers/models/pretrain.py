@@ -52,6 +52,16 @@ def mask_patches(x: torch.Tensor, g: torch.Generator, patch: int = 2, ratio: flo
     return x * keep.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
 
 
+
+def adamw_warmup_cosine(params, lr: float, total: int):
+    """AdamW (weight decay 0.05) with 5% linear warm-up then cosine decay over ``total`` steps: the
+    schedule both bundled backbones were pretrained with."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / (0.05 * total)) * 0.5 * (1 + math.cos(math.pi * s / total))
+    )
+    return opt, sched
+
 def pretrain(epochs: int = 150, batch_size: int = 64, lr: float = 1e-3, seed: int = 0, log_every: int = 50):
     import timm
 
@@ -63,12 +73,7 @@ def pretrain(epochs: int = 150, batch_size: int = 64, lr: float = 1e-3, seed: in
     rotation = torch.nn.Linear(model.embed_dim, 8)
     params = [*model.parameters(), *decoder.parameters(), *rotation.parameters()]
     mean, std = 0.5, 0.5
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    steps_per_epoch = math.ceil(len(images) / batch_size)
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / (0.05 * total)) * 0.5 * (1 + math.cos(math.pi * s / total))
-    )
+    opt, sched = adamw_warmup_cosine(params, lr, epochs * math.ceil(len(images) / batch_size))
     t0 = time.time()
     model.train()
     for epoch in range(epochs):

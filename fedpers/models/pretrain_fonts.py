@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from fedpers.data.fonts import LETTERS, font_digits, font_letters_source, to_float
-from fedpers.models.pretrain import save_and_report
+from fedpers.models.pretrain import adamw_warmup_cosine, save_and_report
 from fedpers.models.zoo import FONTS_WEIGHTS
 
 MEAN, STD = 0.5, 0.5
@@ -52,12 +52,7 @@ def pretrain(epochs: int, batch_size: int = 128, lr: float = 1e-3, seed: int = 0
     model = timm.create_model("vit_fedpers_fonts", pretrained=False, num_classes=0)
     head = torch.nn.Linear(model.embed_dim, len(LETTERS))
     params = [*model.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
-    steps_per_epoch = math.ceil(len(images) / batch_size)
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / (0.05 * total)) * 0.5 * (1 + math.cos(math.pi * s / total))
-    )
+    opt, sched = adamw_warmup_cosine(params, lr, epochs * math.ceil(len(images) / batch_size))
     t0 = time.time()
     model.train()
     for epoch in range(epochs):
