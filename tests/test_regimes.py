@@ -52,3 +52,38 @@ def test_regime_plots_are_written_for_trained_and_unseen_clients(tmp_path):
     written = plot_regimes(rows, tmp_path / "plots", "local", "training examples per client")
     assert [p.name for p in written] == ["regimes.png", "regimes_unseen.png"]
     assert all(p.stat().st_size > 5000 for p in written)
+
+
+def _grid(tmp_path, axis):
+    import yaml
+
+    g = {"output_dir": str(tmp_path / "out"), "base": {"run.rounds": 1, "run.num_clients": 3, "run.clients_per_round": 3},
+         "strategies": ["local", "fedvpt"], "partitions": {"iid": {"data.partitioner.name": "iid"}},
+         "seeds": [0], "reference": "local", "axis": axis}
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump(g))
+    return p
+
+
+def test_grid_axis_sweeps_the_field_inside_every_setting(tmp_path):
+    from fedpers.sweep.cli import load_grid
+
+    out, cells = load_grid(_grid(tmp_path, {"field": "data.max_train_per_client", "values": [4, 16, "full"],
+                                            "full_value": 0, "label": "n"}))
+    got = sorted((c.partition, c.strategy, c.setting, c.axis_value, c.cfg.data.max_train_per_client) for c in cells)
+    assert got == sorted((f"iid/n{lab}", s, "iid", x, v) for s in ("local", "fedvpt")
+                         for lab, v, x in (("4", 4, 4.0), ("16", 16, 16.0), ("full", 0, math.inf)))
+    assert {c.out for c in cells} == {out / c.partition / c.strategy / "seed0" for c in cells}
+
+
+def test_a_bad_grid_axis_is_refused_naming_the_key(tmp_path, capsys):
+    from fedpers.sweep.cli import main
+
+    for axis, field in (({"field": "data.max_train_per_client", "values": [4, "all"]}, "grid.axis.values"),
+                        ({"field": "data.max_train_per_client", "values": [4, "full"]}, "grid.axis.full_value"),
+                        ({"field": "max", "values": [4]}, "grid.axis.field"),
+                        ({"field": "data.max_train_per_client", "values": [4], "step": 2}, "grid.axis.step"),
+                        ({"field": "data.no_such_field", "values": [4]}, "data.no_such_field")):
+        rc = main([str(_grid(tmp_path, axis)), "--dry-run"])
+        err = capsys.readouterr().err
+        assert rc == 2 and field in err, (axis, err)

@@ -22,6 +22,8 @@ class Cell:
     strategy: str
     seed: int
     cfg: ExperimentConfig
+    setting: str = ""  # the partition label without the axis level (grids with an ``axis``)
+    axis_value: float | None = None  # the axis value of this cell (inf = the axis' ``full`` value)
 
     @property
     def out(self) -> Path:
@@ -46,7 +48,8 @@ def is_done(cell: Cell) -> bool:
 
 def row_of(cell: Cell, status: str, error: str = "") -> dict:
     row = {"partition": cell.partition, "strategy": cell.strategy, "seed": cell.seed, "status": status,
-           "output_dir": str(cell.out), "error": error}
+           "output_dir": str(cell.out), "error": error, "setting": cell.setting or cell.partition,
+           "axis_value": "" if cell.axis_value is None else cell.axis_value}
     if status == "ok":
         s = json.loads((cell.out / "summary.json").read_text())
         f = s["final"]

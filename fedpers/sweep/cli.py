@@ -8,6 +8,14 @@ A grid file (see ``experiments/configs/benchmark.yaml``)::
     partitions: {dir0.1: {data.partitioner.alpha: 0.1}, ...}
     seeds: [0, 1, 2]
     reference: pfedpg                  # table.md's paired differences are to this strategy label (default pfedpg)
+    axis:                              # optional: one numeric config field swept within every partition setting
+      field: data.max_train_per_client
+      values: [2, 8, 32, full]         # numbers; "full" = the field's value full_value (here: no cap)
+      full_value: 0
+      label: n                         # cells go to <output_dir>/<partition>/n<value>/<strategy>/seed<k>/
+
+With an ``axis``, the report adds ``plots/regimes.png`` (paired difference to the reference with its 95% CI
+band against the axis, per setting; ``regimes_unseen.png`` for held-out clients) and a crossover table.
 
 Every cell runs on the in-process engine. A cell whose folder holds a ``summary.json`` written for the
 same resolved config is skipped, so an interrupted grid resumes where it stopped. The grid writes
@@ -22,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -30,12 +39,11 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from fedpers.config import ConfigError
-
 from fedpers.experiment import from_layers
-from fedpers.sweep.cells import Cell, is_done, row_of  # noqa: F401  (re-exported: the grid's cells)
+from fedpers.sweep.cells import Cell, is_done, row_of
 from fedpers.sweep.local import run_grid  # the executors live there; run_grid stays importable from here
-from fedpers.sweep.stats import REFERENCE
 from fedpers.sweep.report import COLUMNS, plot, write_csv, write_table  # noqa: F401  (the report lives there)
+from fedpers.sweep.stats import REFERENCE
 
 log = logging.getLogger("fedpers")
 
@@ -84,7 +92,40 @@ def _named(entries: Any, field: str, to_overrides) -> dict[str, dict]:
     return out
 
 
-GRID_KEYS = ("output_dir", "base", "strategies", "partitions", "seeds", "reference")
+GRID_KEYS = ("output_dir", "base", "strategies", "partitions", "seeds", "reference", "axis")
+AXIS_KEYS = ("field", "values", "full_value", "label")
+
+
+def parse_axis(raw) -> dict | None:
+    """The grid's ``axis`` -> {field, label, points: [(folder label, config value, axis value)]}, or None."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("grid.axis", f"must be a mapping with keys {', '.join(AXIS_KEYS)}, got {raw!r}")
+    unknown = set(raw) - set(AXIS_KEYS)
+    if unknown:
+        raise ConfigError(f"grid.axis.{min(unknown)}", f"unknown key; allowed: {', '.join(AXIS_KEYS)}")
+    field = raw.get("field")
+    if not isinstance(field, str) or "." not in field:
+        raise ConfigError("grid.axis.field", f"must be a dotted config field such as data.max_train_per_client, got {field!r}")
+    label = str(raw.get("label") or field.rsplit(".", 1)[-1])
+    values = raw.get("values")
+    if not isinstance(values, list) or not values:
+        raise ConfigError("grid.axis.values", "must be a non-empty list of numbers (and optionally 'full')")
+    points = []
+    for v in values:
+        if v == "full":
+            if "full_value" not in raw:
+                raise ConfigError("grid.axis.full_value", "'full' in grid.axis.values needs full_value: the field's "
+                                                          "value that means all (e.g. 0 for no cap)")
+            points.append((f"{label}full", raw["full_value"], float("inf")))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            points.append((f"{label}{v:g}", v, float(v)))
+        else:
+            raise ConfigError("grid.axis.values", f"entries are finite numbers or 'full', got {v!r}")
+    if len({p[0] for p in points}) != len(points):
+        raise ConfigError("grid.axis.values", f"repeats a value: {values}")
+    return {"field": field, "label": label, "points": points}
 
 
 def grid_reference(path: str | Path) -> str:
@@ -115,6 +156,7 @@ def load_grid(path: str | Path, extra_base: list[str] | None = None, only: dict[
     if reference is not None and reference not in strategies:  # unset: pfedpg, if the grid has it
         raise ConfigError("grid.reference", f"{reference!r} is not one of the grid's strategy labels: "
                                             f"{', '.join(strategies)}")
+    axis = parse_axis(raw.get("axis"))
     seeds = raw.get("seeds") or [0]
     if not all(isinstance(s, int) for s in seeds):
         raise ConfigError("grid.seeds", f"must be a list of integers, got {seeds!r}")
@@ -130,7 +172,10 @@ def load_grid(path: str | Path, extra_base: list[str] | None = None, only: dict[
     if only.get("seeds"):
         seeds = [int(s) for s in only["seeds"]]
     cells = []
-    for p_label, p_over in partitions.items():
+    levels = [(p, over, None, None) for p, over in partitions.items()] if axis is None else [
+        (f"{p}/{folder}", {**over, axis["field"]: value}, p, x)
+        for p, over in partitions.items() for folder, value, x in axis["points"]]
+    for p_label, p_over, setting, x in levels:
         for s_label, s_over in strategies.items():
             for seed in seeds:
                 layer = dict(base)
@@ -143,7 +188,7 @@ def load_grid(path: str | Path, extra_base: list[str] | None = None, only: dict[
                     cfg = from_layers([layer])
                 except ConfigError as e:
                     raise ConfigError(e.field, f"{e} (grid cell {p_label}/{s_label}/seed{seed})") from None
-                cells.append(Cell(p_label, s_label, seed, cfg))
+                cells.append(Cell(p_label, s_label, seed, cfg, setting or "", x))
     return out_dir, cells
 
 
@@ -229,6 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     from fedpers.sweep.stats import plot as plot_ci
 
     plot_ci(rows, out_dir / "plots", reference)
+    axis = parse_axis(OmegaConf.to_container(OmegaConf.load(args.grid), resolve=True).get("axis"))
+    if axis is not None:  # regime map: paired differences along the axis, appended to table.md
+        from fedpers.sweep.regimes import crossovers, plot_regimes
+
+        plot_regimes(rows, out_dir / "plots", reference, axis["field"])
+        extra = crossovers(rows, reference) + crossovers(rows, reference, "unseen")
+        if extra:
+            with (out_dir / "table.md").open("a") as f:
+                f.write("\n" + "\n".join(extra))
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"grid wall time this invocation: {wall:.0f}s; results in {out_dir} (runs.csv, table.md, plots/)")
     return 1 if failed else 0

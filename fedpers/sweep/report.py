@@ -11,7 +11,7 @@ import numpy as np
 
 COLUMNS = ["partition", "strategy", "seed", "status", "accuracy_mean", "accuracy_worst10", "unseen_accuracy_mean",
            "cross_eval_gap", "params_per_round", "bytes_per_round", "local_steps", "rounds", "wall_time_s", "output_dir",
-           "error"]
+           "error", "setting", "axis_value"]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
