@@ -112,6 +112,7 @@ SLOW_TESTS = {
     "test_sweep.py::test_benchmark_grid_is_valid": "~4.2 CPU s",
     "test_strategy_semantics.py::test_fedper_is_fedvpt_on_a_prompted_backbone": "~4.6 CPU s",
     "test_strategy_semantics.py::test_fedavg_full_trains_the_backbone_and_refuses_large_ones": "~3.4 CPU s",
+    "test_llm_sweep.py::test_llm_grid_reports_perplexity_with_cis_and_both_references": "~17 CPU s (3 LLM cells)",
 }
 # The strategy conformance suite runs every registered strategy in the full tier; the fast tier keeps the
 # reference algorithm and its main baseline (each case costs 5-11 CPU s, its determinism rerun 5 more).

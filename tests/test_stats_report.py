@@ -97,7 +97,7 @@ def test_table_marks_differences_whose_ci_excludes_zero(tmp_path):
         accs[("dir", "same", seed)] = list(ref + rng.normal(0, 0.02, 50))  # indistinguishable
     rows = _fake_grid(tmp_path, accs)
     text = write_table(rows, tmp_path / "table.md", "t")
-    diff = text.split("## Paired difference to pfedpg")[1]
+    diff = text.split("paired difference to pfedpg")[1]
     worse = next(line for line in diff.splitlines() if line.startswith("| worse |"))
     same = next(line for line in diff.splitlines() if line.startswith("| same |"))
     assert "**-10.0 [-10.0, -10.0]** *" in worse
@@ -107,8 +107,8 @@ def test_table_marks_differences_whose_ci_excludes_zero(tmp_path):
     assert (tmp_path / "plots" / "accuracy_ci.png").is_file() and (tmp_path / "plots" / "paired_diff.png").is_file()
     # A grid's own reference: the same cells, differences now taken to "worse".
     text = write_table(rows, tmp_path / "table.md", "t", reference="worse")
-    assert "## Paired difference to pfedpg" not in text
-    diff = text.split("## Paired difference to worse")[1]
+    assert "paired difference to pfedpg" not in text
+    diff = text.split("paired difference to worse")[1]
     assert "**+10.0 [+10.0, +10.0]** *" in next(line for line in diff.splitlines() if line.startswith("| pfedpg |"))
 
 
@@ -123,6 +123,40 @@ def test_small_tails_are_flagged(tmp_path):
 
 def test_no_paired_section_without_a_reference_or_without_others(tmp_path):
     only_ref = _fake_grid(tmp_path / "a", {("p", "pfedpg", 0): [0.5, 0.6]})
-    assert "Paired difference" not in "\n".join(sr.sections(only_ref))
+    assert "paired difference" not in "\n".join(sr.sections(only_ref))
     no_ref = _fake_grid(tmp_path / "b", {("p", "fedvpt", 0): [0.5, 0.6]})
     assert "no strategy labelled 'pfedpg'" in "\n".join(sr.sections(no_ref))
+
+
+def test_llm_cells_report_perplexity_from_per_client_losses(tmp_path):
+    """LLM summaries carry per-client mean NLLs: perplexity = exp(loss) per client, worst-10% = the highest
+    perplexities, differences to each of several references with the sign of ppl(strategy) - ppl(ref)."""
+    rng = np.random.default_rng(1)
+    rows = []
+    losses = {}
+    for seed in range(2):
+        base = rng.uniform(3.0, 4.0, 20)
+        for s, shift in (("local", 0.0), ("pfedpg", -0.2), ("fedit", 0.3)):
+            loss = base + shift
+            losses[(s, seed)] = loss
+            out = tmp_path / s / f"seed{seed}"
+            out.mkdir(parents=True)
+            final = {"per_client": {str(i): 0.3 for i in range(20)},
+                     "per_client_loss": {str(i): float(v) for i, v in enumerate(loss)}}
+            (out / "summary.json").write_text(json.dumps({"final": final, "unseen": None}))
+            rows.append({"partition": "speakers", "strategy": s, "seed": seed, "status": "ok", "output_dir": str(out)})
+    assert [m.name for m in sr.metrics_of(rows)] == ["perplexity", "accuracy"]
+    st = sr.cell_stats(sr.collect(rows, metric=sr.PERPLEXITY)[("speakers", "local")], sr.PERPLEXITY)
+    ppl = [np.exp(losses[("local", seed)]) for seed in range(2)]
+    assert abs(st["mean"][0] - np.mean([p.mean() for p in ppl])) < 1e-9
+    assert abs(st["worst10"][0] - np.mean([np.sort(p)[-2:].mean() for p in ppl])) < 1e-9  # the 2 highest of 20
+    text = "\n".join(sr.sections(rows, ["local", "pfedpg"]))
+    to_local = text.split("Perplexity: paired difference to local")[1].split("##")[0]
+    pf = next(line for line in to_local.splitlines() if line.startswith("| pfedpg |"))
+    fi = next(line for line in to_local.splitlines() if line.startswith("| fedit |"))
+    assert "**-" in pf and "**+" in fi  # lower loss = lower perplexity = a negative difference
+    assert "Perplexity: paired difference to pfedpg" in text and "Next-token accuracy" in text
+    sr.plot(rows, tmp_path / "plots", ["local", "pfedpg"])
+    names = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert names == ["accuracy_ci.png", "paired_diff.png", "paired_diff_perplexity.png",
+                     "paired_diff_perplexity_pfedpg.png", "paired_diff_pfedpg.png", "perplexity_ci.png"]

@@ -174,6 +174,9 @@ class Ledger:
             final["cross_eval"] = self.cross_eval
         if self.cfg.model.modality == "llm":
             final.update(perplexity_stats(self.last_loss))
+            # each trained client's last mean NLL per reply token (perplexity = exp): the sweep's per-client
+            # perplexity statistics read it (the held-out clients' is unseen.per_client_loss)
+            final["per_client_loss"] = {str(k): v for k, v in sorted(self.last_loss.items())}
             unseen_loss = (self.unseen or {}).get("per_client_loss") or {}
             pu = perplexity_stats({int(k): v for k, v in unseen_loss.items()})
             final["unseen_perplexity_mean"] = pu["perplexity_mean"] if unseen_loss else None

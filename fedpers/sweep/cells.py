@@ -64,6 +64,10 @@ def row_of(cell: Cell, status: str, error: str = "") -> dict:
             # optimizer steps per client per round (absent from summaries written before it was recorded)
             "local_steps": (s.get("local_steps") or {}).get("per_client_round"),
             "wall_time_s": s["wall_time_s"],
+            # LLM cells: token-weighted perplexity of the reply tokens (absent for other modalities)
+            "perplexity_mean": f.get("perplexity_mean"),
+            "perplexity_worst10": f.get("perplexity_worst10"),
+            "unseen_perplexity_mean": f.get("unseen_perplexity_mean"),
         })
     return row
 

@@ -7,7 +7,8 @@ A grid file (see ``experiments/configs/benchmark.yaml``)::
     strategies: [fedavg, {fedprox_mu0.1: {strategy.name: fedprox, strategy.mu: 0.1}}, ...]
     partitions: {dir0.1: {data.partitioner.alpha: 0.1}, ...}
     seeds: [0, 1, 2]
-    reference: pfedpg                  # table.md's paired differences are to this strategy label (default pfedpg)
+    reference: pfedpg                  # table.md's paired differences are to this strategy label (default pfedpg);
+                                       # a list ([local, pfedpg]) gives a table per reference, the first one leads
     axis:                              # optional: one numeric config field swept within every partition setting
       field: data.max_train_per_client
       values: [2, 8, 32, full]         # numbers; "full" = the field's value full_value (here: no cap)
@@ -128,7 +129,7 @@ def parse_axis(raw) -> dict | None:
     return {"field": field, "label": label, "points": points}
 
 
-def grid_reference(path: str | Path) -> str:
+def grid_reference(path: str | Path) -> str | list[str]:
     """The strategy label table.md's paired differences are taken to (the grid's ``reference``, default
     pfedpg); :func:`load_grid` has checked that the grid has it."""
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("reference", REFERENCE)
@@ -153,9 +154,11 @@ def load_grid(path: str | Path, extra_base: list[str] | None = None, only: dict[
     strategies = _named(raw.get("strategies"), "grid.strategies", lambda n: {"strategy.name": n})
     partitions = _named(raw.get("partitions"), "grid.partitions", lambda n: {})
     reference = raw.get("reference")
-    if reference is not None and reference not in strategies:  # unset: pfedpg, if the grid has it
-        raise ConfigError("grid.reference", f"{reference!r} is not one of the grid's strategy labels: "
-                                            f"{', '.join(strategies)}")
+    refs = reference if isinstance(reference, list) else [reference]
+    bad = [r for r in refs if r not in strategies]
+    if reference is not None and (bad or not refs):  # unset: pfedpg, if the grid has it
+        raise ConfigError("grid.reference", f"{bad[0] if bad else reference!r} is not one of the grid's strategy "
+                                            f"labels: {', '.join(strategies)}")
     axis = parse_axis(raw.get("axis"))
     seeds = raw.get("seeds") or [0]
     if not all(isinstance(s, int) for s in seeds):
@@ -278,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     if axis is not None:  # regime map: paired differences along the axis, appended to table.md
         from fedpers.sweep.regimes import crossovers, plot_regimes
 
-        plot_regimes(rows, out_dir / "plots", reference, axis["field"])
-        extra = crossovers(rows, reference) + crossovers(rows, reference, "unseen")
+        lead = reference if isinstance(reference, str) else reference[0]
+        plot_regimes(rows, out_dir / "plots", lead, axis["field"])
+        extra = crossovers(rows, lead) + crossovers(rows, lead, "unseen")
         if extra:
             with (out_dir / "table.md").open("a") as f:
                 f.write("\n" + "\n".join(extra))

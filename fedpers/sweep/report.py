@@ -11,7 +11,7 @@ import numpy as np
 
 COLUMNS = ["partition", "strategy", "seed", "status", "accuracy_mean", "accuracy_worst10", "unseen_accuracy_mean",
            "cross_eval_gap", "params_per_round", "bytes_per_round", "local_steps", "rounds", "wall_time_s", "output_dir",
-           "error", "setting", "axis_value"]
+           "error", "setting", "axis_value", "perplexity_mean", "perplexity_worst10", "unseen_perplexity_mean"]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -34,15 +34,15 @@ def _sci(x: float) -> str:
     return f"{x:.3g}" if x < 1e4 else f"{x:.2e}"
 
 
-def _pivot(ok: list[dict], parts: list[str], strats: list[str], key: str, name: str) -> list[str]:
+def _pivot(ok: list[dict], parts: list[str], strats: list[str], key: str, name: str, pct: bool = True) -> list[str]:
     """One line per strategy, one column per partition setting: mean ± std over seeds of ``key``."""
-    lines = [f"## {name} by partition setting (%)", "", "| strategy | bytes/round (down + up) | " + " | ".join(parts) + " |",
+    lines = [f"## {name} by partition setting{' (%)' if pct else ''}", "", "| strategy | bytes/round (down + up) | " + " | ".join(parts) + " |",
              "|---|---|" + "---|" * len(parts)]
     for s in strats:
         rs = [r for r in ok if r["strategy"] == s]
         if not rs:
             continue
-        cells = [_fmt([r[key] for r in rs if r["partition"] == p]) for p in parts]
+        cells = [_fmt([r[key] for r in rs if r["partition"] == p], pct) for p in parts]
         lines.append(f"| {s} | {_sci(float(np.mean([r['bytes_per_round'] for r in rs])))} | " + " | ".join(cells) + " |")
     seeds = {(r["partition"], r["strategy"]): 0 for r in ok}
     for r in ok:
@@ -51,7 +51,7 @@ def _pivot(ok: list[dict], parts: list[str], strats: list[str], key: str, name: 
     return lines + ["", f"Seeds per cell: {', '.join(map(str, counts))}.", ""]
 
 
-def write_table(rows: list[dict], path: Path, title: str, reference: str | None = None) -> str:
+def write_table(rows: list[dict], path: Path, title: str, reference: str | list[str] | None = None) -> str:
     """table.md: pivots, per-partition tables, CIs and the paired differences to ``reference`` (None: pfedpg)."""
     ok = [r for r in rows if r["status"] == "ok"]
     parts = list(dict.fromkeys(r["partition"] for r in rows))
@@ -62,12 +62,20 @@ def write_table(rows: list[dict], path: Path, title: str, reference: str | None 
               "accuracy on its own client minus on the others' (points). params/bytes: per client and round, "
               "down + up. steps: local optimizer steps per client and round (the local budget).")
     lines = [f"# {title}", "", legend, ""]
+    llm = any(r.get("perplexity_mean") not in (None, "") for r in ok)
+    if llm:  # LLM cells: perplexity first (not a percentage); their accuracy is next-token accuracy
+        legend += (" LLM cells: perplexity = exp(mean NLL per reply token) per client, averaged over clients "
+                   "(lower is better; worst-10%: the highest); accuracy = next-token accuracy on reply tokens.")
+        lines[2] = legend
+        for key, name in (("perplexity_mean", "perplexity"), ("perplexity_worst10", "worst-10% perplexity"),
+                          ("unseen_perplexity_mean", "unseen-client perplexity")):
+            lines += _pivot(ok, parts, strats, key, name, pct=False)
     for key, name in (("accuracy_mean", "accuracy"), ("accuracy_worst10", "worst-10%"),
                       ("unseen_accuracy_mean", "unseen-client accuracy")):
-        lines += _pivot(ok, parts, strats, key, name)
+        lines += _pivot(ok, parts, strats, key, "next-token " + name if llm else name)
     for p in parts:
-        lines += [f"## {p}", "", "| strategy | seeds | accuracy | worst-10% | unseen | gap | params/round (down + up) "
-                  "| bytes/round (down + up) | steps |",
+        lines += [f"## {p}", "", ("| strategy | seeds | accuracy | worst-10% | unseen | gap | params/round (down + up) "
+                                  "| bytes/round (down + up) | steps |"),
                   "|---|---|---|---|---|---|---|---|---|"]
         for s in strats:
             rs = [r for r in ok if r["partition"] == p and r["strategy"] == s]
@@ -100,7 +108,7 @@ def plot(rows: list[dict], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fedpers.results.plotting import TOL_MUTED, categorical
+    from fedpers.results.plotting import categorical
 
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
@@ -130,29 +138,44 @@ def plot(rows: list[dict], out: Path) -> None:
     fig.savefig(out / "accuracy_by_strategy.png", dpi=120)
     plt.close(fig)
 
-    # One panel per setting, one marker per strategy (colour and shape), the same in every panel and the
-    # legend: the points of several strategies with equal bytes would hide each other's labels.
+    llm = any(r.get("perplexity_mean") not in (None, "") for r in ok)
+    _vs_bytes(ok, parts, strats, out, "accuracy_mean", "next-token accuracy" if llm else "personalized accuracy")
+    if llm:
+        _vs_bytes(ok, parts, strats, out, "perplexity_mean", "perplexity")
+
+
+def _vs_bytes(ok: list[dict], parts: list[str], strats: list[str], out: Path, key: str, what: str) -> None:
+    """<metric>_vs_bytes.png: one panel per setting, one marker per strategy (colour and shape), the same
+    in every panel and the legend: the points of several strategies with equal bytes would hide each
+    other's labels."""
+    import matplotlib.pyplot as plt
+
+    from fedpers.results.plotting import TOL_MUTED
+
     markers = "osD^vPX*<>"
     style = {s: (TOL_MUTED[i % len(TOL_MUTED)], markers[i // len(TOL_MUTED) % len(markers)] if len(strats) > 9
                  else markers[i % len(markers)]) for i, s in enumerate(strats)}
     fig, axes = plt.subplots(1, len(parts), figsize=(2.6 * len(parts) + 2, 3.8), sharey=True, squeeze=False)
+    bounded = key.startswith("accuracy")
     for ax, p in zip(axes[0], parts):
         for s in strats:
-            rs = [r for r in ok if r["partition"] == p and r["strategy"] == s]
+            rs = [r for r in ok if r["partition"] == p and r["strategy"] == s and r.get(key) not in (None, "")]
             if rs:
                 x = max(1.0, float(np.mean([r["bytes_per_round"] for r in rs])))
-                ax.scatter(x, np.mean([r["accuracy_mean"] for r in rs]), color=style[s][0], marker=style[s][1],
+                ax.scatter(x, np.mean([float(r[key]) for r in rs]), color=style[s][0], marker=style[s][1],
                            s=36, edgecolor="black", linewidth=0.4, label=s)
         ax.set_xscale("log")
         ax.set_title(p, fontsize=9)
-        ax.set_ylim(0, 1)
+        if bounded:
+            ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.set_xlabel("bytes/client/round\n(down + up; local = 1)", fontsize=8)
-    axes[0][0].set_ylabel("personalized accuracy (axis from 0)")
+    axes[0][0].set_ylabel(f"{what} (axis from 0)" if bounded else f"{what} (lower is better)")
     handles = [plt.Line2D([], [], color=c, marker=m, linestyle="", markeredgecolor="black", markeredgewidth=0.4)
                for c, m in style.values()]
     fig.legend(handles, list(style), title="strategy", fontsize=7, title_fontsize=8, loc="center right")
-    fig.suptitle("Accuracy against communication, mean over seeds", fontsize=9)
+    fig.suptitle(f"{what.capitalize()} against communication, mean over seeds", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1 - 1.6 / (2.6 * len(parts) + 2), 1))
-    fig.savefig(out / "accuracy_vs_bytes.png", dpi=120)
+    name = key.removesuffix("_mean")
+    fig.savefig(out / f"{name}_vs_bytes.png", dpi=120)
     plt.close(fig)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,45 @@ LEVEL = 0.95
 MIN_WORST_CLIENTS = 5
 REFERENCE = "pfedpg"
 _SEED = 0  # the bootstrap's own seed: the same runs give the same table
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A per-client figure of a cell: where its values sit in summary.json and which way is better."""
+
+    name: str  # file-name part and table key
+    title: str  # what a reader sees
+    field: str  # the per-client mapping in summary.json's final / unseen block
+    scale: float  # shown as value * scale (100: percent)
+    unit: str  # after the numbers in headings: "%", "pp" for differences, or "" (perplexity)
+    higher_is_better: bool
+    transform: Callable[[float], float] = float
+
+    def worst10(self, x: np.ndarray) -> np.ndarray:
+        """Mean of the worst ceil(10%) clients along the last axis: the lowest accuracies, the highest
+        perplexities."""
+        return worst10(x) if self.higher_is_better else -worst10(-x)
+
+
+ACCURACY = Metric("accuracy", "personalized accuracy", "per_client", 100.0, "%", True)
+# LLM cells: the per-client accuracy is next-token accuracy on the reply tokens, and each client's
+# token-weighted perplexity is exp of its mean NLL per reply token (summary.json's per_client_loss).
+NEXT_TOKEN = Metric("accuracy", "next-token accuracy", "per_client", 100.0, "%", True)
+PERPLEXITY = Metric("perplexity", "perplexity", "per_client_loss", 1.0, "", False, math.exp)
+
+
+def metrics_of(rows: list[dict]) -> list[Metric]:
+    """The metrics a grid reports: perplexity and next-token accuracy when its cells are LLM runs (their
+    summaries carry per-client losses), personalized accuracy otherwise."""
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        try:
+            final = json.loads((Path(r["output_dir"]) / "summary.json").read_text()).get("final") or {}
+        except (OSError, ValueError, KeyError):
+            continue
+        return [PERPLEXITY, NEXT_TOKEN] if "per_client_loss" in final else [ACCURACY]
+    return [ACCURACY]
 
 
 def worst10(x: np.ndarray) -> np.ndarray:
@@ -65,21 +105,23 @@ def hier_bootstrap(groups: list[np.ndarray], stat: Callable[[np.ndarray], np.nda
     return est, float(lo), float(hi)
 
 
-def per_client(row: dict, key: str = "final") -> dict[str, float]:
-    """{client id: accuracy} of one finished cell (``final`` = trained clients, ``unseen`` = held out)."""
+def per_client(row: dict, key: str = "final", metric: Metric = ACCURACY) -> dict[str, float]:
+    """{client id: metric} of one finished cell (``final`` = trained clients, ``unseen`` = held out)."""
     s = json.loads((Path(row["output_dir"]) / "summary.json").read_text())
     block = s.get(key) or {}
-    return {str(k): float(v) for k, v in (block.get("per_client") or {}).items()}
+    return {str(k): metric.transform(float(v)) for k, v in (block.get(metric.field) or {}).items()
+            if v is not None and math.isfinite(float(v))}
 
 
-def collect(rows: list[dict], key: str = "final") -> dict[tuple[str, str], dict[int, dict[str, float]]]:
-    """{(partition, strategy): {seed: {client: accuracy}}} over the finished rows."""
+def collect(rows: list[dict], key: str = "final",
+            metric: Metric = ACCURACY) -> dict[tuple[str, str], dict[int, dict[str, float]]]:
+    """{(partition, strategy): {seed: {client: metric}}} over the finished rows."""
     out: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
     for r in rows:
         if r.get("status") != "ok":
             continue
         try:
-            acc = per_client(r, key)
+            acc = per_client(r, key, metric)
         except (OSError, ValueError, KeyError):
             continue
         if acc:
@@ -87,10 +129,10 @@ def collect(rows: list[dict], key: str = "final") -> dict[tuple[str, str], dict[
     return out
 
 
-def cell_stats(by_seed: dict[int, dict[str, float]]) -> dict:
+def cell_stats(by_seed: dict[int, dict[str, float]], metric: Metric = ACCURACY) -> dict:
     groups = [np.array(list(v.values())) for _, v in sorted(by_seed.items())]
     n_clients = min(len(g) for g in groups)
-    return {"mean": hier_bootstrap(groups), "worst10": hier_bootstrap(groups, worst10),
+    return {"mean": hier_bootstrap(groups), "worst10": hier_bootstrap(groups, metric.worst10),
             "seeds": len(groups), "clients": n_clients, "worst_k": max(1, math.ceil(0.1 * n_clients))}
 
 
@@ -108,29 +150,44 @@ def paired(by_seed: dict[int, dict[str, float]], ref: dict[int, dict[str, float]
             "significant": bool(lo > 0 or hi < 0)}
 
 
-def _ci(t: tuple[float, float, float], signed: bool = False) -> str:
-    est, lo, hi = (100 * v for v in t)
+def _ci(t: tuple[float, float, float], signed: bool = False, scale: float = 100.0) -> str:
+    est, lo, hi = (scale * v for v in t)
     if math.isnan(est):
         return "–"
     f = "+.1f" if signed else ".1f"
     return f"{est:{f}} [{lo:{f}}, {hi:{f}}]"
 
 
-def sections(rows: list[dict], reference: str = REFERENCE) -> list[str]:
-    """Markdown sections for table.md: mean and worst-10% with 95% CIs, and paired differences."""
-    cells = collect(rows)
+def _references(reference: str | list[str]) -> list[str]:
+    return [reference] if isinstance(reference, str) else list(reference)
+
+
+def sections(rows: list[dict], reference: str | list[str] = REFERENCE) -> list[str]:
+    """Markdown sections for table.md, per metric (:func:`metrics_of`): mean and worst-10% with 95% CIs,
+    and the paired differences to each reference."""
+    lines: list[str] = []
+    for metric in metrics_of(rows):
+        lines += _metric_sections(rows, _references(reference), metric)
+    return lines
+
+
+def _metric_sections(rows: list[dict], references: list[str], metric: Metric) -> list[str]:
+    cells = collect(rows, metric=metric)
     if not cells:
         return []
     parts = list(dict.fromkeys(p for p, _ in cells))
     strats = list(dict.fromkeys(s for _, s in cells))
-    stats = {k: cell_stats(v) for k, v in cells.items()}
-    unseen = {k: cell_stats(v) for k, v in collect(rows, "unseen").items()}
-    lines = ["## Mean and worst-10% with 95% bootstrap CIs (%)", "",
+    stats = {k: cell_stats(v, metric) for k, v in cells.items()}
+    unseen = {k: cell_stats(v, metric) for k, v in collect(rows, "unseen", metric).items()}
+    unit = f" ({metric.unit})" if metric.unit else ""
+    worst = "lowest" if metric.higher_is_better else "highest"
+    lines = [f"## {metric.title.capitalize()}: mean and worst-10% with 95% bootstrap CIs{unit}", "",
              (f"Each entry: estimate [95% CI], hierarchical bootstrap ({BOOTSTRAP} draws) over seeds, then clients "
               "within a seed; clients are the trained ones (unseen: the held-out ones). worst-10% is the mean of "
-              f"the lowest ceil(10%) clients per seed; † marks tails of fewer than {MIN_WORST_CLIENTS} clients."), ""]
+              f"the {worst} ceil(10%) clients per seed; † marks tails of fewer than {MIN_WORST_CLIENTS} clients."
+              + ("" if metric.higher_is_better else " Lower is better.")), ""]
     for p in parts:
-        lines += [f"### {p}", "", "| strategy | seeds | clients | accuracy | worst-10% | unseen |",
+        lines += [f"### {p}", "", f"| strategy | seeds | clients | {metric.title} | worst-10% | unseen |",
                   "|---|---|---|---|---|---|"]
         for s in strats:
             st = stats.get((p, s))
@@ -138,42 +195,59 @@ def sections(rows: list[dict], reference: str = REFERENCE) -> list[str]:
                 continue
             dag = "" if st["worst_k"] >= MIN_WORST_CLIENTS else " †"
             un = unseen.get((p, s))
-            lines.append(f"| {s} | {st['seeds']} | {st['clients']} | {_ci(st['mean'])} | "
-                         f"{_ci(st['worst10'])}{dag} | {_ci(un['mean']) if un else '–'} |")
+            k = metric.scale
+            lines.append(f"| {s} | {st['seeds']} | {st['clients']} | {_ci(st['mean'], scale=k)} | "
+                         f"{_ci(st['worst10'], scale=k)}{dag} | {_ci(un['mean'], scale=k) if un else '–'} |")
         lines.append("")
-    if not any(s == reference for _, s in cells):
-        return lines + [f"No paired differences: the grid has no strategy labelled {reference!r}.", ""]
-    if all(s == reference for s in strats):
-        return lines
-    lines += [f"## Paired difference to {reference} (percentage points)", "",
-              (f"strategy − {reference} on the same seeds, partitions and clients: estimate [95% CI]. "
-               "**Bold** with * = the CI excludes 0."), "",
-              "| strategy | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
-    for s in strats:
-        if s == reference:
+    for reference in references:
+        if not any(s == reference for _, s in cells):
+            lines += [f"No paired differences: the grid has no strategy labelled {reference!r}.", ""]
             continue
-        cols = []
-        for p in parts:
-            d = paired(cells[(p, s)], cells[(p, reference)]) if (p, s) in cells and (p, reference) in cells else None
-            text = "–" if d is None else _ci(d["diff"], signed=True)
-            cols.append(f"**{text}** *" if d is not None and d["significant"] else text)
-        lines.append(f"| {s} | " + " | ".join(cols) + " |")
-    return lines + [""]
+        if all(s == reference for s in strats):
+            continue
+        d_unit = " (percentage points)" if metric.unit == "%" else ""
+        better = "" if metric.higher_is_better else " Negative = lower perplexity than the reference (better)."
+        lines += [f"## {metric.title.capitalize()}: paired difference to {reference}{d_unit}", "",
+                  (f"strategy − {reference} on the same seeds, partitions and clients: estimate [95% CI]. "
+                   f"**Bold** with * = the CI excludes 0.{better}"), "",
+                  "| strategy | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
+        for s in strats:
+            if s == reference:
+                continue
+            cols = []
+            for p in parts:
+                d = paired(cells[(p, s)], cells[(p, reference)]) if (p, s) in cells and (p, reference) in cells else None
+                text = "–" if d is None else _ci(d["diff"], signed=True, scale=metric.scale)
+                cols.append(f"**{text}** *" if d is not None and d["significant"] else text)
+            lines.append(f"| {s} | " + " | ".join(cols) + " |")
+        lines.append("")
+    return lines
 
 
-def plot(rows: list[dict], out: Path, reference: str = REFERENCE) -> None:
-    """plots/accuracy_ci.png (means with 95% CI error bars) and plots/paired_diff.png (forest plot)."""
+def plot(rows: list[dict], out: Path, reference: str | list[str] = REFERENCE) -> None:
+    """Per metric: plots/<metric>_ci.png (means with 95% CI error bars) and the forest plot of paired
+    differences to each reference: plots/paired_diff.png for accuracy to the first reference (LLM grids:
+    paired_diff_perplexity.png), with ``_<reference>`` added for the further references."""
+    for metric in metrics_of(rows):
+        _plot_metric(rows, out, _references(reference), metric)
+
+
+def _plot_metric(rows: list[dict], out: Path, references: list[str], metric: Metric) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = collect(rows)
+    from fedpers.results.plotting import categorical
+
+    cells = collect(rows, metric=metric)
     if not cells:
         return
     out.mkdir(parents=True, exist_ok=True)
     parts = list(dict.fromkeys(p for p, _ in cells))
     strats = list(dict.fromkeys(s for _, s in cells))
+    colours = categorical(len(parts))
+    k = metric.scale
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(strats) * len(parts)), 4))
     width = 0.8 / len(parts)
     for j, p in enumerate(parts):
@@ -181,37 +255,45 @@ def plot(rows: list[dict], out: Path, reference: str = REFERENCE) -> None:
         err = np.zeros((2, len(strats)))
         for i, s in enumerate(strats):
             if (p, s) in cells:
-                e, lo, hi = cell_stats(cells[(p, s)])["mean"]
+                e, lo, hi = (k * v for v in cell_stats(cells[(p, s)], metric)["mean"])
                 est[i], err[:, i] = e, (e - lo, hi - e)
-        ax.bar(np.arange(len(strats)) + j * width, est, width, yerr=err, label=p, capsize=2)
+        ax.bar(np.arange(len(strats)) + j * width, est, width, yerr=err, label=p, capsize=2, color=colours[j])
     ax.set_xticks(np.arange(len(strats)) + 0.4 - width / 2, strats, rotation=45, ha="right")
-    ax.set_ylabel("personalized accuracy (95% CI)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    unit = f" ({metric.unit})" if metric.unit else ""
+    ax.set_ylabel(f"{metric.title}{unit}")
+    ax.set_title(f"Mean {metric.title} per strategy; error bars: 95% bootstrap CI over seeds and clients", fontsize=9)
+    if metric.higher_is_better and metric.unit == "%":
+        ax.set_ylim(0, 100)
+    ax.legend(title="setting", fontsize=7, title_fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_ci.png", dpi=120)
+    fig.savefig(out / f"{metric.name}_ci.png", dpi=120)
     plt.close(fig)
 
-    others = [s for s in strats if s != reference]
-    if not others or not any(s == reference for _, s in cells):
-        return
-    fig, axes = plt.subplots(1, len(parts), figsize=(3 * len(parts), 0.35 * len(others) + 1.5), sharey=True,
-                             squeeze=False)
-    for ax, p in zip(axes[0], parts):
-        for i, s in enumerate(others):
-            d = paired(cells[(p, s)], cells[(p, reference)]) if (p, s) in cells and (p, reference) in cells else None
-            if d is None:
-                continue
-            e, lo, hi = (100 * v for v in d["diff"])
-            ax.errorbar(e, i, xerr=[[e - lo], [hi - e]], fmt="o", color="C3" if d["significant"] else "C0",
-                        capsize=2)
-        ax.axvline(0, color="k", lw=0.8)
-        ax.set_title(p, fontsize=9)
-        ax.set_xlabel(f"− {reference} (pp)")
-        ax.grid(axis="x", alpha=0.3)
-    axes[0][0].set_yticks(range(len(others)), others)
-    axes[0][0].invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(out / "paired_diff.png", dpi=120)
-    plt.close(fig)
+    for n, reference in enumerate(references):
+        others = [s for s in strats if s != reference]
+        if not others or not any(s == reference for _, s in cells):
+            continue
+        fig, axes = plt.subplots(1, len(parts), figsize=(3 * len(parts), 0.35 * len(others) + 1.8), sharey=True,
+                                 squeeze=False)
+        for ax, p in zip(axes[0], parts):
+            for i, s in enumerate(others):
+                d = paired(cells[(p, s)], cells[(p, reference)]) if (p, s) in cells and (p, reference) in cells else None
+                if d is None:
+                    continue
+                e, lo, hi = (k * v for v in d["diff"])
+                ax.errorbar(e, i, xerr=[[e - lo], [hi - e]], fmt="o", color="C3" if d["significant"] else "C0",
+                            capsize=2)
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set_title(p, fontsize=9)
+            d_unit = " (pp)" if metric.unit == "%" else ""
+            ax.set_xlabel(f"strategy − {reference}{d_unit}", fontsize=8)
+            ax.grid(axis="x", alpha=0.3)
+        axes[0][0].set_yticks(range(len(others)), others)
+        axes[0][0].invert_yaxis()
+        fig.suptitle(f"{metric.title.capitalize()}: paired difference to {reference}, 95% CI bars "
+                     "(red: the CI excludes 0)", fontsize=9)
+        fig.tight_layout()
+        suffix = ("" if metric.name == "accuracy" else f"_{metric.name}") + ("" if n == 0 else f"_{reference}")
+        fig.savefig(out / f"paired_diff{suffix}.png", dpi=120)
+        plt.close(fig)
