@@ -12,6 +12,7 @@ registries live one floor up, in :mod:`fedpers.experiment`, whose ``load_config`
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -221,7 +222,15 @@ def resolve_section(schema_cls: type, raw: Any, prefix: str) -> Any:
         return OmegaConf.to_object(OmegaConf.merge(_structured(schema_cls), raw))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(f"{prefix}.{key}", _clean(e)) from None
+        message = _clean(e)
+        names = [f.name for f in dataclasses.fields(schema_cls)]
+        if key not in names and "." not in key and "Did you mean" not in message:  # an unknown field
+            close = difflib.get_close_matches(key, names, n=2, cutoff=0.6)
+            close += [n for n in names if n not in close and key and (n.endswith("_" + key) or n.startswith(key + "_"))]
+            if close:
+                message += ". Did you mean: " + ", ".join(f"'{n}'" for n in close) + "?"
+            message += f" The {prefix} fields here: {', '.join(names)}"
+        raise ConfigError(f"{prefix}.{key}", message) from None
 
 
 def holdout_count(r: RunConfig) -> int:

@@ -44,7 +44,9 @@ def strategy_config(raw: Any) -> Any:
     try:
         cls = get_strategy_class(name)
     except KeyError:
-        raise ConfigError("strategy.name", f"unknown strategy {name!r}; allowed: {', '.join(list_strategies())}") from None
+        hint = [n for n in list_strategies() if n == name.lower().replace("-", "_")]
+        hint = f" (did you mean {hint[0]!r}? names are lower case)" if hint else ""
+        raise ConfigError("strategy.name", f"unknown strategy {name!r}{hint}; allowed: {', '.join(list_strategies())}") from None
     return resolve_section(cls.config_cls, raw, "strategy")
 
 

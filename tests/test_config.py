@@ -147,3 +147,14 @@ def test_docs_command_help_and_check_write_nothing(tmp_path, monkeypatch, capsys
     target.write_text("stale\n")
     assert docs.main(["--check"]) == 1 and target.read_text() == "stale\n"
     assert docs.main([]) == 0 and docs.main(["--check"]) == 0
+
+
+def test_an_unknown_strategy_field_suggests_the_close_one_and_lists_the_fields():
+    from fedpers.experiment import load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["strategy.lr=0.1"])
+    assert e.value.field == "strategy.lr" and "'server_lr'" in str(e.value) and "server_optimizer" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["strategy.name=FedAvg"])
+    assert "did you mean 'fedavg'" in str(e.value)
