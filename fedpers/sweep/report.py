@@ -158,18 +158,27 @@ def _vs_bytes(ok: list[dict], parts: list[str], strats: list[str], out: Path, ke
     fig, axes = plt.subplots(1, len(parts), figsize=(2.6 * len(parts) + 2, 3.8), sharey=True, squeeze=False)
     bounded = key.startswith("accuracy")
     for ax, p in zip(axes[0], parts):
+        seen: dict[float, int] = {}  # strategies with the same bytes: nudged apart so none hides another
         for s in strats:
             rs = [r for r in ok if r["partition"] == p and r["strategy"] == s and r.get(key) not in (None, "")]
             if rs:
-                x = max(1.0, float(np.mean([r["bytes_per_round"] for r in rs])))
+                b = float(np.mean([float(r["bytes_per_round"]) for r in rs]))
+                k = seen.get(round(b), 0)
+                seen[round(b)] = k + 1
+                x = b * (1 + 0.12 * k) if b > 0 else 0.25 * k  # symlog: 0 bytes (local training) sits at 0
                 ax.scatter(x, np.mean([float(r[key]) for r in rs]), color=style[s][0], marker=style[s][1],
                            s=36, edgecolor="black", linewidth=0.4, label=s)
-        ax.set_xscale("log")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(left=-0.5)
+        top = max([float(r["bytes_per_round"]) for r in ok] + [10.0])
+        ticks = [0.0] + [10.0 ** e for e in range(0, math.ceil(math.log10(top)) + 1, 2)]
+        ax.set_xticks(ticks, ["0"] + [f"$10^{{{e}}}$" for e in range(0, math.ceil(math.log10(top)) + 1, 2)])
+        ax.minorticks_off()
         ax.set_title(p, fontsize=9)
         if bounded:
             ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-        ax.set_xlabel("bytes/client/round\n(down + up; local = 1)", fontsize=8)
+        ax.set_xlabel("bytes/client/round (down + up; symlog,\n0 = nothing sent; equal bytes offset)", fontsize=8)
     axes[0][0].set_ylabel(f"{what} (axis from 0)" if bounded else f"{what} (lower is better)")
     handles = [plt.Line2D([], [], color=c, marker=m, linestyle="", markeredgecolor="black", markeredgewidth=0.4)
                for c, m in style.values()]
