@@ -77,3 +77,36 @@ def test_synthetic_images_are_deterministic_balanced_and_separable():
     means = np.stack([x[y == c].mean(0).ravel() for c in range(10)])
     gaps = np.linalg.norm(means[:, None] - means[None], axis=-1)[~np.eye(10, dtype=bool)]
     assert gaps.min() > 1.0
+
+
+def test_an_unreachable_hub_is_detected_once_and_the_load_goes_offline(monkeypatch):
+    """No network: one quiet connection attempt, then offline mode (the cache or an immediate error),
+    instead of five logged retries with back-off."""
+    import socket
+
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    from fedpers.data import datasets as fd
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    tries = []
+
+    def unreachable(addr, timeout=None):
+        tries.append(addr)
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with fd._offline_unless_hub_reachable():
+        assert datasets.config.HF_HUB_OFFLINE and hub_constants.HF_HUB_OFFLINE
+    assert tries == [fd.HUB_HOST]
+    assert not datasets.config.HF_HUB_OFFLINE and not hub_constants.HF_HUB_OFFLINE  # restored afterwards
+
+    class Conn:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(socket, "create_connection", lambda addr, timeout=None: Conn())
+    with fd._offline_unless_hub_reachable():  # reachable: the hub is used as usual
+        assert not datasets.config.HF_HUB_OFFLINE

@@ -8,6 +8,8 @@ instead; the default works offline.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 # Fraction of scikit-learn's digits reserved as *unlabelled* source data for pretraining the default
@@ -81,6 +83,37 @@ def load_synthetic_images(path: str | None = None):
     return _to_hf(*make_synthetic_images(SYNTHETIC_IMAGES))
 
 
+HUB_HOST = ("huggingface.co", 443)
+
+
+@contextlib.contextmanager
+def _offline_unless_hub_reachable(timeout: float = 3.0):
+    """Without a network, ``load_dataset`` retries the hub five times with back-off, logging every try
+    (about 30 s of warnings) before it fails. One quiet connection attempt first: when the hub cannot be
+    reached, load in offline mode, which reads the local cache if the dataset is there and fails at once
+    otherwise."""
+    import socket
+    from unittest import mock
+
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    if datasets.config.HF_HUB_OFFLINE:
+        yield
+        return
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+        reachable = True
+    except OSError:
+        reachable = False
+    if reachable:
+        yield
+        return
+    with mock.patch.object(datasets.config, "HF_HUB_OFFLINE", True), \
+            mock.patch.object(hub_constants, "HF_HUB_OFFLINE", True):
+        yield
+
+
 def open_split(path: str, split: str, columns: tuple[str, ...]):
     """One split of a hub dataset (``datasets.load_dataset``, needs internet) or of a local
     ``save_to_disk`` folder, checked to have ``columns``."""
@@ -95,7 +128,8 @@ def open_split(path: str, split: str, columns: tuple[str, ...]):
                 raise ValueError(f"{path} has splits {sorted(ds)}, not {split!r}")
             ds = ds[split]
     else:
-        ds = datasets.load_dataset(path, split=split)
+        with _offline_unless_hub_reachable():
+            ds = datasets.load_dataset(path, split=split)
     missing = [k for k in columns if k not in ds.column_names]
     if missing:
         raise ValueError(f"{path} has columns {ds.column_names}, missing {missing}")
