@@ -29,10 +29,37 @@ def _own_processes(marker: str) -> list[int]:
     return pids
 
 
+def _federations(text: str) -> dict:
+    """[tool.flwr.federations] of pyproject.toml, or, after Flower's one-time migration of connections
+    to $FLWR_HOME/config.toml commented it out, the commented block (what `git checkout` restores)."""
+    flwr = tomllib.loads(text)["tool"]["flwr"]
+    if "federations" in flwr:
+        return flwr["federations"]
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip("# ").startswith("[tool.flwr.federations]"))
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("#") and line.strip():
+            break
+        block.append(line.lstrip("#").strip())
+    return tomllib.loads("\n".join(block))["tool"]["flwr"]["federations"]
+
+
+def test_federations_block_is_read_after_flowers_migration_too(tmp_path):
+    from flwr.cli.config_migration import _comment_out_legacy_toml_config
+
+    text = (ROOT / "pyproject.toml").read_text()
+    (tmp_path / "pyproject.toml").write_text(text)
+    _comment_out_legacy_toml_config(tmp_path)  # what the first `flwr run` does to the app's pyproject.toml
+    migrated = (tmp_path / "pyproject.toml").read_text()
+    assert "federations" not in tomllib.loads(migrated)["tool"]["flwr"]
+    assert _federations(migrated) == _federations(text)
+
+
 def test_pyproject_declares_a_local_simulation_federation_for_every_default_client():
     from fedpers.config import RunConfig
 
-    fed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["federations"]
+    fed = _federations((ROOT / "pyproject.toml").read_text())
     local = fed[fed["default"]]
     assert local["address"] == ":local:"  # Flower's managed local SuperLink, in simulation mode
     # One virtual SuperNode per client: the ServerApp needs every partition-id of run.num_clients.
