@@ -91,3 +91,16 @@ def test_flwr_run_dot_works_from_a_clone(tmp_path):
     assert conns["default"] == "local-simulation"
     assert conns["local-simulation"]["options"]["num-supernodes"] == 10
     assert "federations" not in tomllib.loads((clone / "pyproject.toml").read_text())["tool"]["flwr"]
+
+
+def test_flwr_runs_without_an_output_dir_each_get_their_own_folder():
+    from fedpers.experiment import load_config
+    from fedpers.flower.apps import per_run_output_dir
+
+    a, b = load_config(None, []), load_config(None, [])
+    per_run_output_dir(a, 17)
+    per_run_output_dir(b, 18)
+    assert a.run.output_dir != b.run.output_dir and a.run.output_dir.endswith("flwr-run-17")
+    mine = load_config(None, ["run.output_dir=results/mine"])
+    per_run_output_dir(mine, 19)
+    assert mine.run.output_dir == "results/mine"

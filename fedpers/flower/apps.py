@@ -18,12 +18,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedpers.config import ConfigError, ExperimentConfig, to_yaml
-
+from fedpers.config import ConfigError, ExperimentConfig, RunConfig, to_yaml
 from fedpers.experiment import from_layers, from_yaml
-from fedpers.rounds.faults import ENV_VAR, MALFORMED, InjectedFault, corrupt, env_fault
 from fedpers.flower import node_state
 from fedpers.payload import Failure, Reply
+from fedpers.rounds.faults import ENV_VAR, MALFORMED, InjectedFault, corrupt, env_fault
 
 log = logging.getLogger("fedpers")
 
@@ -168,6 +167,14 @@ def config_from_run_config(run_config: dict) -> ExperimentConfig:
     return from_layers(layers)
 
 
+def per_run_output_dir(c: ExperimentConfig, run_id: int) -> None:
+    """`flwr run` without ``run.output_dir``: each run gets its own folder ``results/flwr-run-<run id>``,
+    so a second ``flwr run .`` is not refused because the first one's results are there (a refusal that
+    happens in the background, where only ``flwr log`` shows it). An explicit folder is kept."""
+    if c.run.output_dir == RunConfig().output_dir:
+        c.run.output_dir = str(Path(c.run.output_dir).parent / f"flwr-run-{run_id}")
+
+
 def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = None) -> ServerApp:
     """A ServerApp running the fedpers round loop. With ``cfg=None`` the config comes from the run
     config (deployment). ``result`` receives the summary, or the exception that ended the run."""
@@ -180,6 +187,8 @@ def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = N
             from fedpers.rounds.server import run_server
 
             c = cfg if cfg is not None else config_from_run_config(context.run_config)
+            if cfg is None:
+                per_run_output_dir(c, context.run_id)
             if cfg is None:  # deployment: the checks simulate.run makes before a simulation
                 safety.claim_output_dir(c)
                 safety.check_memory(c)
@@ -249,8 +258,8 @@ def _data_problem(context: Context) -> str:
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    from fedpers.rounds.client_round import client_round  # here, not at import: node discovery needs no torch
     from fedpers.dp import device_floor
+    from fedpers.rounds.client_round import client_round  # here, not at import: node discovery needs no torch
 
     # The device's DP settings (node config) can only tighten what the server asked for.
     cfg = device_floor(_parse_config(str(msg.content["config"]["config_yaml"])), dict(context.node_config))
