@@ -9,9 +9,8 @@ import sys
 import time
 
 from fedpers.config import ConfigError, ExperimentConfig, to_yaml
-
-from fedpers.experiment import load_config
 from fedpers.docs import describe_fields
+from fedpers.experiment import load_config
 
 USAGE = """Run a federated personalization simulation.
 
@@ -108,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.show_config:
         print(to_yaml(cfg))
         return 0
-    from fedpers.results.checkpoint import CheckpointError
     from fedpers.data import DataError
     from fedpers.models.prompted import BackboneError
+    from fedpers.results.checkpoint import CheckpointError
     from fedpers.safety import RunFailed
 
     t0 = time.perf_counter()
@@ -135,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy_mean": round(final["accuracy_mean"], 4),
         "accuracy_std": round(final["accuracy_std"], 4),
         "accuracy_worst10": round(final["accuracy_worst10"], 4),
+        "accuracy_weighted": round(final["accuracy_weighted"], 4),
+        **({"perplexity_mean": round(final["perplexity_mean"], 3), "perplexity_worst10": round(final["perplexity_worst10"], 3)}
+           if "perplexity_mean" in final else {}),
         "bytes_per_client_round": summary["bytes"],
         # The same number as summary.json's wall_time_s (the rounds, from the server's start); the command
         # also spends time building the data, loading the backbone and, on Flower, starting Ray.

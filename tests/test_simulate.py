@@ -44,6 +44,16 @@ def test_run_writes_results_folder(tmp_path, capsys):
     # One wall_time_s: the console's is summary.json's; the whole command (data, backbone) is named apart.
     assert printed["wall_time_s"] == round(summary["wall_time_s"], 1)
     assert printed["command_time_s"] >= printed["wall_time_s"]
+    # sample-weighted accuracy: sum of correct / sum of test samples, each client's test size from the
+    # partition report; in rounds.csv every round carries it and the mean test loss of its clients
+    n_test = json.loads((out / "partitions" / "partitions.json").read_text())["num_test"]
+    per = summary["final"]["per_client"]
+    hand = sum(per[str(i)] * n_test[i] for i in range(3)) / sum(n_test[i] for i in range(3))
+    assert abs(summary["final"]["accuracy_weighted"] - hand) < 1e-9
+    last = rows[-1]["clients"]
+    header, *lines = (out / "rounds.csv").read_text().splitlines()
+    got = dict(zip(header.split(","), lines[-1].split(",")))
+    assert abs(float(got["test_loss_mean"]) - np.mean([c["test_loss"] for c in last.values()])) < 1e-9
 
 
 def test_same_seed_same_results_other_seed_differs(tmp_path):

@@ -22,6 +22,15 @@ def worst_fraction_mean(values: list[float], fraction: float = 0.1) -> float:
     return float(np.mean(sorted(values)[:k]))
 
 
+def weighted_accuracy(acc: dict[int, float], num_test: dict[int, float]) -> float:
+    """Sample-weighted accuracy: sum over clients of accuracy x test samples / total test samples (the
+    figure PFLlib's server reports), beside the unweighted client mean ``accuracy_mean``."""
+    n = np.array([num_test.get(k, 0.0) for k in acc], dtype=np.float64)
+    if not acc or n.sum() <= 0:
+        return float("nan")
+    return float(np.dot(np.array(list(acc.values()), dtype=np.float64), n) / n.sum())
+
+
 def _stats(acc: dict[int, float]) -> dict[str, float]:
     vals = list(acc.values())
     if not vals:
@@ -83,6 +92,8 @@ class Ledger:
         self.last_acc: dict[int, float] = {int(k): v for k, v in (resume or {}).get("last_acc", {}).items()}
         # each client's last test loss: an LLM client's mean NLL per reply token (its perplexity is exp)
         self.last_loss: dict[int, float] = {int(k): v for k, v in (resume or {}).get("last_loss", {}).items()}
+        # each client's test-split size at its last evaluation: the sample-weighted accuracy's weights
+        self.last_num_test: dict[int, float] = {int(k): v for k, v in (resume or {}).get("last_num_test", {}).items()}
         self.metrics_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         # metrics.jsonl is the full record; memory keeps each round without its per-client metrics, so a
         # run with many clients does not grow by a dict per client per round.
@@ -102,7 +113,8 @@ class Ledger:
     def state_dict(self) -> dict:
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
         return {"rows": rows, "last_acc": {str(k): v for k, v in self.last_acc.items()},
-                "last_loss": {str(k): v for k, v in self.last_loss.items()}}
+                "last_loss": {str(k): v for k, v in self.last_loss.items()},
+                "last_num_test": {str(k): v for k, v in self.last_num_test.items()}}
 
     def record_round(self, server_round: int, *, sampled: list[int], ok: list[Reply], failed: list[Failure],
                      applied: bool, bytes_down: dict[int, int], server_metrics: dict, seconds: float,
@@ -111,6 +123,8 @@ class Ledger:
         acc = {u.partition_id: float(u.metrics["test_accuracy"]) for u in ok}
         self.last_acc.update(acc)
         self.last_loss.update({u.partition_id: float(u.metrics["test_loss"]) for u in ok})
+        n_test = {u.partition_id: float(u.metrics.get("num_test", 0.0)) for u in ok}
+        self.last_num_test.update(n_test)
         up = [serialized_nbytes(u.arrays) for u in ok]
         timed_out = [f for f in failed if f.kind in TIMED_OUT_KINDS]
         if len(ok) + len(failed) != len(sampled):
@@ -138,6 +152,9 @@ class Ledger:
                 for u in ok
             },
             **_stats(acc),
+            # sum of correct / sum of test samples over this round's clients (PFLlib's server figure)
+            "accuracy_weighted": weighted_accuracy(acc, n_test),
+            "test_loss_mean": float(np.mean([float(u.metrics["test_loss"]) for u in ok])) if ok else float("nan"),
             "local_steps": _steps(ok),
             "bytes_up": int(sum(up)),
             "bytes_down": int(sum(bytes_down.values())),
@@ -165,6 +182,7 @@ class Ledger:
     def finish(self, extra: dict | None = None) -> dict:
         """Write summary.json (plus ``extra`` entries, e.g. the privacy report), rounds.csv and plots."""
         final = _stats(self.last_acc)
+        final["accuracy_weighted"] = weighted_accuracy(self.last_acc, self.last_num_test)
         unseen_acc = self.unseen["per_client"] if self.unseen else {}
         u = _stats(unseen_acc)
         # None (JSON null) when no client was held out, so "not measured" is never mistaken for a value.
@@ -222,9 +240,9 @@ class Ledger:
         return summary
 
     def _write_csv(self) -> None:
-        cols = ["round", "accuracy_mean", "accuracy_std", "accuracy_worst10", "num_ok", "num_failed",
-                "num_timed_out", "applied", "bytes_up", "bytes_down", "round_time_s"]
-        lines = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in self.rows]
+        cols = ["round", "accuracy_mean", "accuracy_std", "accuracy_worst10", "accuracy_weighted", "test_loss_mean",
+                "num_ok", "num_failed", "num_timed_out", "applied", "bytes_up", "bytes_down", "round_time_s"]
+        lines = [",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in self.rows]
         (self.out / "rounds.csv").write_text("\n".join(lines) + "\n")
 
 

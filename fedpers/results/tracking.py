@@ -16,6 +16,8 @@ ROUND_SCALARS = {  # metrics.jsonl key -> TensorBoard tag
     "accuracy_mean": "accuracy/mean",
     "accuracy_std": "accuracy/std",
     "accuracy_worst10": "accuracy/worst10",
+    "accuracy_weighted": "accuracy/weighted",
+    "test_loss_mean": "loss/test_mean",
     "bytes_up_per_client": "bytes/up_per_client",
     "bytes_down_per_client": "bytes/down_per_client",
     "num_ok": "clients/ok",

@@ -146,7 +146,8 @@ def _cross_eval(cfg: ExperimentConfig, transport: Transport, train_ids: list[int
 
 def _report(bar, row, server_round, rounds, ok, sampled, failed) -> None:
     msg = (f"round {server_round}/{rounds}: acc mean {row['accuracy_mean']:.3f} "
-           f"worst10 {row['accuracy_worst10']:.3f} ok {len(ok)}/{len(sampled)}")
+           f"weighted {row['accuracy_weighted']:.3f} worst10 {row['accuracy_worst10']:.3f} "
+           f"test loss {row['test_loss_mean']:.4f} ok {len(ok)}/{len(sampled)}")
     if failed:
         msg += " failed: " + "; ".join(f"{f.partition_id} {f.kind}: {f.reason}" for f in failed)
     if hasattr(bar, "write"):  # print above the progress bar instead of through it

@@ -56,6 +56,7 @@ def row_of(cell: Cell, status: str, error: str = "") -> dict:
         row.update({
             "accuracy_mean": f["accuracy_mean"],
             "accuracy_worst10": f["accuracy_worst10"],
+            "accuracy_weighted": f.get("accuracy_weighted"),  # sum correct / sum test samples (PFLlib's figure)
             "unseen_accuracy_mean": f.get("unseen_accuracy_mean"),
             "cross_eval_gap": (f.get("cross_eval") or {}).get("gap"),  # run.cross_eval: own - others accuracy
             "params_per_round": s["params"]["down_per_client_round"] + s["params"]["up_per_client_round"],

@@ -11,7 +11,8 @@ import numpy as np
 
 COLUMNS = ["partition", "strategy", "seed", "status", "accuracy_mean", "accuracy_worst10", "unseen_accuracy_mean",
            "cross_eval_gap", "params_per_round", "bytes_per_round", "local_steps", "rounds", "wall_time_s", "output_dir",
-           "error", "setting", "axis_value", "perplexity_mean", "perplexity_worst10", "unseen_perplexity_mean"]
+           "error", "setting", "axis_value", "perplexity_mean", "perplexity_worst10", "unseen_perplexity_mean",
+           "accuracy_weighted"]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -57,7 +58,9 @@ def write_table(rows: list[dict], path: Path, title: str, reference: str | list[
     parts = list(dict.fromkeys(r["partition"] for r in rows))
     strats = list(dict.fromkeys(r["strategy"] for r in rows))
     legend = ("Personalized test accuracy (%) on each client's own test split, mean ± std over seeds "
-              "(std of the per-seed means). worst-10%: mean of the lowest 10% of clients. unseen: held-out "
+              "(std of the per-seed means), unweighted over clients; sample-weighted: sum of correct / sum of test "
+              "samples over clients (PFLlib's server figure; absent for cells run before it was recorded). "
+              "worst-10%: mean of the lowest 10% of clients. unseen: held-out "
               "clients after personalizing from the trained server state. gap (run.cross_eval): a personal model's "
               "accuracy on its own client minus on the others' (points). params/bytes: per client and round, "
               "down + up. steps: local optimizer steps per client and round (the local budget).")
@@ -70,8 +73,8 @@ def write_table(rows: list[dict], path: Path, title: str, reference: str | list[
         for key, name in (("perplexity_mean", "perplexity"), ("perplexity_worst10", "worst-10% perplexity"),
                           ("unseen_perplexity_mean", "unseen-client perplexity")):
             lines += _pivot(ok, parts, strats, key, name, pct=False)
-    for key, name in (("accuracy_mean", "accuracy"), ("accuracy_worst10", "worst-10%"),
-                      ("unseen_accuracy_mean", "unseen-client accuracy")):
+    for key, name in (("accuracy_mean", "accuracy"), ("accuracy_weighted", "sample-weighted accuracy"),
+                      ("accuracy_worst10", "worst-10%"), ("unseen_accuracy_mean", "unseen-client accuracy")):
         lines += _pivot(ok, parts, strats, key, "next-token " + name if llm else name)
     for p in parts:
         lines += [f"## {p}", "", ("| strategy | seeds | accuracy | worst-10% | unseen | gap | params/round (down + up) "
