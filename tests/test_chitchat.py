@@ -254,3 +254,21 @@ def test_partition_report_counts_examples_and_conversations(fed, tmp_path):
         assert int(row["conversations_test"]) == len(set(c.y_test.tolist()))
     assert rep["heterogeneity"]["size_min"] == min(c.num_train + len(c.y_test) for c in fed.clients)
     assert fed.label_counts()[:, 0].tolist() == [c.num_train + len(c.y_test) for c in fed.clients]
+
+
+@pytest.mark.parametrize("dataset,partitioner", [("chitchat", None), ("digits", PartitionerConfig(alpha=1.0))])
+def test_max_test_per_client_caps_the_test_split_only_and_seeded(fed, dataset, partitioner):
+    if dataset == "chitchat":
+        full, make = fed, lambda **kw: build_federated(chitchat(**kw), NUM_CLIENTS, 0)
+    else:
+        def make(**kw):
+            return build_federated(DataConfig(dataset=dataset, partitioner=partitioner, **kw), 4, 0)
+        full = make()
+    capped, again = make(max_test_per_client=3), make(max_test_per_client=3)
+    for f, c, a in zip(full.clients, capped.clients, again.clients):
+        assert len(c.y_test) == min(3, len(f.y_test)) and len(f.y_test) > 3
+        assert torch.equal(c.y_train, f.y_train)  # training split untouched
+        xs = [json.dumps(x, sort_keys=True) if isinstance(x, dict) else x.numpy().tobytes() for x in f.x_test]
+        got = [json.dumps(x, sort_keys=True) if isinstance(x, dict) else x.numpy().tobytes() for x in c.x_test]
+        assert all(g in xs for g in got)  # a subsample of the client's own test split
+        assert torch.equal(c.y_test, a.y_test)  # the same for every run with this seed

@@ -125,12 +125,14 @@ def _build_cached(data_json: str, num_clients: int, seed: int) -> FederatedData:
     clients, infos = [], []
     for pid, rows in enumerate(parts):
         client, shift_info = _split(inputs[rows], labels[rows], data, info.num_classes, pid, seed)
-        clients.append(cap_train(client, data.max_train_per_client, np.random.default_rng([seed, pid, _CAP_STREAM])))
+        client = cap_train(client, data.max_train_per_client, np.random.default_rng([seed, pid, _CAP_STREAM]))
+        clients.append(cap_test(client, data.max_test_per_client, np.random.default_rng([seed, pid, _TEST_CAP_STREAM])))
         infos.append({**shift_info, **({"rebalanced_in": moved[pid]} if moved.get(pid) else {})})
     return FederatedData(data.dataset, info.num_classes, info.image_shape, clients, infos, modality=info.modality)
 
 
 _CAP_STREAM = 0xCA9
+_TEST_CAP_STREAM = 0x7E57
 
 
 def cap_rows(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
@@ -150,6 +152,17 @@ def cap_train(client: ClientData, cap: int, rng: np.random.Generator) -> ClientD
     x = client.x_train
     x = [x[i] for i in keep.tolist()] if isinstance(x, list) else x[torch.from_numpy(keep)]
     return ClientData(x, client.y_train[torch.from_numpy(keep)], client.x_test, client.y_test)
+
+
+def cap_test(client: ClientData, cap: int, rng: np.random.Generator) -> ClientData:
+    """``data.max_test_per_client``: at most ``cap`` test samples (0 = all), a seeded subsample in order."""
+    n = len(client.y_test)
+    if cap <= 0 or n <= cap:
+        return client
+    keep = cap_rows(np.arange(n), cap, rng)
+    x = client.x_test
+    x = [x[i] for i in keep.tolist()] if isinstance(x, list) else x[torch.from_numpy(keep)]
+    return ClientData(client.x_train, client.y_train, x, client.y_test[torch.from_numpy(keep)])
 
 
 def _image_array(ds) -> np.ndarray:
@@ -274,6 +287,7 @@ def _build_dialogue_federation(data, num_clients: int, seed: int):
             raise DataError(f"client {pid} (speaker {d.speakers[spk]}) has {len(test)} test examples, fewer than "
                             f"data.min_test_size={data.min_test_size}: raise data.test_fraction or "
                             "data.dialogue.min_utterances")
+        test = cap_rows(test, data.max_test_per_client, np.random.default_rng([seed, spk, _TEST_CAP_STREAM]))
         clients.append(ClientData(
             [d.example(int(i), dl.context_turns) for i in train],
             torch.from_numpy(d.turn_conv[train].astype(np.int64)),

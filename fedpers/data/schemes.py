@@ -167,6 +167,10 @@ def validate_data(cfg: ExperimentConfig) -> None:
              f"unknown partitioner {p.name!r}; allowed: {', '.join(PARTITIONERS)}")
     _require(d.max_train_per_client >= 0, "data.max_train_per_client",
              f"must be >= 0 (0 = no cap), got {d.max_train_per_client}")
+    _require(d.max_test_per_client >= 0, "data.max_test_per_client",
+             f"must be >= 0 (0 = no cap), got {d.max_test_per_client}")
+    _require(d.max_test_per_client == 0 or d.max_test_per_client >= d.min_test_size, "data.max_test_per_client",
+             f"caps test splits below data.min_test_size={d.min_test_size}: got {d.max_test_per_client}")
     _require(d.dialogue.min_utterances >= 1, "data.dialogue.min_utterances",
              f"must be >= 1, got {d.dialogue.min_utterances}")
     _require(d.dialogue.context_turns >= 1, "data.dialogue.context_turns",
