@@ -263,6 +263,14 @@ def batch_indices(ctx: ClientContext, steps: int, salt: int = 0):
             yield order[i : i + b]
 
 
+def local_optimizer(params, c) -> torch.optim.Optimizer:
+    """The client's local optimizer (``client.optimizer``), new every round: FL clients do not keep
+    optimizer state between rounds."""
+    if c.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+
 def fit(
     ctx: ClientContext,
     tensors: dict[str, torch.Tensor],
@@ -273,7 +281,7 @@ def fit(
     view: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     steps: int | None = None,
 ) -> list[float]:
-    """SGD on ``trainable`` tensors (in place) for ``epochs`` passes, or exactly ``steps`` mini-batch
+    """``client.optimizer`` on ``trainable`` tensors (in place) for ``epochs`` passes, or exactly ``steps`` mini-batch
     steps (``epochs=None``; passes continue with a fresh order until the count is reached); returns
     per-step losses, one per optimizer step.
 
@@ -286,7 +294,7 @@ def fit(
     names = [n for n in trainable]
     for n in names:
         tensors[n].requires_grad_(True)
-    opt = torch.optim.SGD([tensors[n] for n in names], lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    opt = local_optimizer([tensors[n] for n in names], c)
     g = ctx.generator(*((salt,) if salt else ()))
     data = ctx.data
     if ctx.model.modality == "llm":

@@ -105,12 +105,16 @@ class ModelConfig:
     img_size: Optional[int] = None  # backbone input size in pixels (images are resized to it); default: the backbone's own
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 @dataclass
 class ClientConfig:
     local_epochs: int = 2  # passes over the client's train split per round
-    lr: float = 0.03  # SGD learning rate for prompts and head
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 1e-3  # SGD weight decay on prompts and head
+    optimizer: str = "sgd"  # local optimizer, fresh each round: sgd (momentum, weight_decay) | adamw (torch AdamW, betas 0.9/0.999, decoupled weight_decay; LLM adapters usually want it, e.g. lr 1e-3)
+    lr: float = 0.03  # local learning rate for prompts / adapters and head
+    momentum: float = 0.9  # SGD momentum (optimizer=sgd)
+    weight_decay: float = 1e-3  # weight decay on prompts / adapters and head (adamw: decoupled)
     batch_size: int = 32  # local mini-batch size
 
 
@@ -347,6 +351,9 @@ def check_fields(cfg: ExperimentConfig) -> None:
 
     _require(c.local_epochs >= 1, "client.local_epochs", f"must be >= 1, got {c.local_epochs}")
     _require(c.lr > 0, "client.lr", f"must be > 0, got {c.lr}")
+    _require(c.optimizer in OPTIMIZERS, "client.optimizer", f"allowed: {', '.join(OPTIMIZERS)}; got {c.optimizer!r}")
+    _require(c.optimizer == "sgd" or not r.batch_clients, "client.optimizer",
+             "run.batch_clients trains with its own row-wise SGD; use client.optimizer=sgd with it")
     _require(0 <= c.momentum < 1, "client.momentum", f"must be in [0, 1), got {c.momentum}")
     _require(c.weight_decay >= 0, "client.weight_decay", f"must be >= 0, got {c.weight_decay}")
     _require(c.batch_size >= 1, "client.batch_size", f"must be >= 1, got {c.batch_size}")

@@ -67,8 +67,9 @@ def apfl_step(w: dict[str, torch.Tensor], v: dict[str, torch.Tensor], alpha: flo
 
 
 def _optimizer(ctx, tensors):
-    c = ctx.cfg.client
-    return torch.optim.SGD(list(tensors), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    from fedpers.client import local_optimizer
+
+    return local_optimizer(list(tensors), ctx.cfg.client)
 
 
 def _personal_start(ctx, state):

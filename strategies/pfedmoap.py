@@ -194,7 +194,7 @@ class PFedMoAP(Averaging):
 
     @classmethod
     def client_update(cls, ctx, received, state):
-        from fedpers.client import batch_tokens, finish, start_tensors
+        from fedpers.client import batch_tokens, finish, local_optimizer, start_tensors
 
         tensors = start_tensors(ctx, received, state)
         tensors.update(cls._init_gate(ctx, state))
@@ -205,7 +205,7 @@ class PFedMoAP(Averaging):
         cc = ctx.cfg.client
         for k in trainable:
             tensors[k].requires_grad_(True)
-        opt = torch.optim.SGD([tensors[k] for k in trainable], lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay)
+        opt = local_optimizer([tensors[k] for k in trainable], cc)
         g, data, losses = ctx.generator(), ctx.data, []
         tokens = batch_tokens(ctx, data.x_train)
         for _ in range(cc.local_epochs):

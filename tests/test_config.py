@@ -158,3 +158,28 @@ def test_an_unknown_strategy_field_suggests_the_close_one_and_lists_the_fields()
     with pytest.raises(ConfigError) as e:
         load_config(None, ["strategy.name=FedAvg"])
     assert "did you mean 'fedavg'" in str(e.value)
+
+
+def test_client_optimizer_adamw_takes_adams_first_step_and_refuses_the_batched_trainer():
+    import torch
+
+    from fedpers.client import local_optimizer
+    from fedpers.config import ClientConfig
+    from fedpers.experiment import load_config
+
+    for name in ("sgd", "adamw"):
+        p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+        opt = local_optimizer([p], ClientConfig(optimizer=name, lr=0.1, weight_decay=0.0))
+        (p * torch.tensor([10.0, 0.01, -1.0])).sum().backward()
+        opt.step()
+        step = torch.tensor([1.0, -2.0, 3.0]) - p.detach()
+        if name == "adamw":  # Adam's first step is lr * sign(gradient), whatever the gradient's size
+            assert torch.allclose(step, torch.tensor([0.1, 0.1, -0.1]), atol=1e-5)
+        else:  # SGD's is lr * gradient
+            assert torch.allclose(step, torch.tensor([1.0, 0.001, -0.1]), atol=1e-6)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["client.optimizer=adam"])
+    assert e.value.field == "client.optimizer" and "adamw" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["client.optimizer=adamw", "run.batch_clients=true", "run.engine=fast"])
+    assert e.value.field == "client.optimizer"
