@@ -142,6 +142,8 @@ def make_context(cfg: ExperimentConfig, partition_id: int, server_round: int,
             raise ValueError(f"partition-id {partition_id} outside [0, {len(fed.clients)})")
         data = fed.clients[partition_id]
     s = client_setup(cfg)
+    if cfg.model.modality == "llm":  # the frozen LLM runs on run.device (client tensors stay on the CPU)
+        s.model.place(cfg.run.device)
     return ClientContext(cfg, partition_id, server_round, data, s.model, s.num_classes, s.shapes)
 
 

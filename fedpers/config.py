@@ -65,7 +65,7 @@ class RunConfig:
     threads: int = 0  # fast engine and its workers: torch threads per process; 0 = auto (OMP_NUM_THREADS if set, else the cores other processes leave free, re-checked every round; see fedpers/rounds/threads.py)
     batch_clients: bool = False  # fast engine: train a round's clients together in mixed batches
     batch_max_samples: int = 1024  # batch_clients: most samples in one mixed forward/backward (clients grouped)
-    device: str = "cpu"  # batch_clients: torch device of the batched trainer (cpu | cuda | cuda:N)
+    device: str = "cpu"  # torch device (cpu | cuda | cuda:N) of the batched trainer (batch_clients) and of the frozen LLM (model.modality=llm)
     overwrite: bool = False  # allow a fresh run into an output_dir that already holds a run (its metrics and checkpoint are replaced); otherwise that is refused
     max_delta_norm: float = 1e4  # replies whose delta (all tensors jointly) has a larger L2 norm are rejected before they touch server state
     max_num_examples: int = 100_000  # a reply claiming more examples counts as this many in weighted aggregation
@@ -315,8 +315,8 @@ def check_fields(cfg: ExperimentConfig) -> None:
              "needs run.engine=fast (Flower runs each client in its own ClientApp call)")
     _require(r.device == "cpu" or r.device == "cuda" or (r.device.startswith("cuda:") and r.device[5:].isdigit()),
              "run.device", f"unknown device {r.device!r}; allowed: {', '.join(DEVICES)}")
-    _require(r.device == "cpu" or r.batch_clients, "run.device",
-             "only the batched trainer runs off the CPU; set run.batch_clients=true")
+    _require(r.device == "cpu" or r.batch_clients or cfg.model.modality == "llm", "run.device",
+             "only the batched trainer and the llm modality run off the CPU; set run.batch_clients=true")
 
     if d.path is not None:
         _require(Path(d.path).is_dir(), "data.path", f"not a directory: {d.path}")

@@ -388,3 +388,21 @@ def test_real_smollm2_answers_paris():
     nll = {city: m.token_stats(m.prepare([{"context": question, "target": f"The capital of France is {city}."}]),
                                m.read_tensors())[0] for city in ("Paris", "Berlin")}
     assert nll["Paris"] < nll["Berlin"] - 1.0, nll
+
+
+def test_run_device_places_the_frozen_llm_and_cpu_is_unchanged():
+    """run.device for the llm modality: the model moves, client tensors stay on the CPU and still get
+    gradients; asking for CUDA without one is a clear error."""
+    m = tiny_model("lora")
+    batch = m.prepare(EXAMPLES)
+    tensors = {k: v.clone().requires_grad_(True) for k, v in random_tensors(m).items()}
+    before = m.lm_loss(batch, tensors)
+    assert m.place("cpu") is m and m.device == torch.device("cpu")
+    after = m.lm_loss(batch, tensors)
+    assert torch.equal(before, after)
+    after.backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 and t.device.type == "cpu" for t in tensors.values())
+    if not torch.cuda.is_available():
+        with pytest.raises(BackboneError, match="no CUDA"):
+            m.place("cuda")
+        assert m.device == torch.device("cpu")

@@ -123,7 +123,22 @@ class PeftCausalLM(nn.Module):
         self._cache: dict[int, tuple[list, PreparedBatch]] = {}
         # LoRA on layers >= L only: the frozen layers below run once per prepared batch (llm_split)
         self.split = LayerSplit(base.get_decoder(), lora_from_layer, cache_mb) if lora_from_layer else None
+        self.device = torch.device("cpu")
         self._check_projection()
+
+    def place(self, device: str | torch.device) -> PeftCausalLM:
+        """Run the frozen model on ``device`` (``run.device``: cpu | cuda | cuda:N). Client tensors stay
+        where the client keeps them (CPU, float32) and are copied in per call, so gradients reach them
+        unchanged; batches are copied in per call too. Cached frozen activations are dropped."""
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BackboneError(f"run.device={str(device)!r} but torch sees no CUDA device; use run.device=cpu")
+        if device != self.device:
+            self.peft.to(device)
+            self.device = device
+            if self.split is not None:
+                self.split.clear()
+        return self
 
     def train(self, mode: bool = True):  # no dropout: the frozen model is deterministic
         return super().train(False)
@@ -154,12 +169,13 @@ class PeftCausalLM(nn.Module):
         missing = sorted(set(self._param_of) - set(tensors))
         if missing:
             raise KeyError(f"adapter tensors missing: {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        params = {self._param_of[k]: tensors[k] for k in self._param_of}
+        dev = self.device
+        params = {self._param_of[k]: tensors[k].to(dev) for k in self._param_of}
         # Folded residuals (``<module>.fold.weight``): W0 + fold for this call only (see text.py).
         for k, v in tensors.items():
             if k.endswith(FOLD):
                 base = PEFT_PREFIX + k[: -len(FOLD)] + ".base_layer.weight"
-                params[base] = self._frozen_weight(base) + v
+                params[base] = self._frozen_weight(base) + v.to(dev)
         return params
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -177,7 +193,8 @@ class PeftCausalLM(nn.Module):
         handle = self.base.get_decoder().register_forward_hook(grab)
         try:
             functional_call(self.peft, self._params(tensors), (),
-                            {"input_ids": ids, "attention_mask": mask, **extra, **self._keep}, strict=False)
+                            {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), **extra,
+                             **self._keep}, strict=False)
         finally:
             handle.remove()
         h = captured[-1]
@@ -196,13 +213,13 @@ class PeftCausalLM(nn.Module):
         split = self.split
         params = {"peft." + k: v for k, v in self._params(tensors).items()}
         upper = Call(self.peft, lambda h, mask: split.run(h, mask, split.start, split.depth))
-        return functional_call(upper, params, (split.below(batch), batch.mask), strict=False)
+        return functional_call(upper, params, (split.below(batch), batch.mask.to(self.device)), strict=False)
 
     def _target_logits(self, batch: PreparedBatch, tensors) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the positions predicting target tokens only, and those tokens: (M, V), (M,)."""
         h = self.batch_hidden(batch, tensors)
-        pred = batch.target[:, 1:]  # position t predicts token t + 1
-        return self.lm_head(h[:, :-1][pred]).float(), batch.labels[:, 1:][pred]
+        pred = batch.target[:, 1:].to(h.device)  # position t predicts token t + 1
+        return self.lm_head(h[:, :-1][pred]).float(), batch.labels[:, 1:].to(h.device)[pred]
 
     def lm_loss(self, batch: PreparedBatch, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean next-token NLL over the batch's target tokens (token-weighted), differentiable in the
@@ -242,8 +259,8 @@ class PeftCausalLM(nn.Module):
         rows = torch.arange(n)
         for _ in range(max_new_tokens):
             cur = int(lengths.max())
-            h = self.hidden(ids[:, :cur], mask[:, :cur], tensors)[rows, lengths - 1]
-            tok = self.lm_head(h).argmax(-1)
+            h = self.hidden(ids[:, :cur], mask[:, :cur], tensors)[rows.to(self.device), (lengths - 1).to(self.device)]
+            tok = self.lm_head(h).argmax(-1).cpu()
             for i in range(n):
                 if done[i]:
                     continue

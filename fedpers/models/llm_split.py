@@ -71,8 +71,9 @@ class LayerSplit:
     @torch.no_grad()
     def _frozen(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         dec = self.decoder
-        return torch.cat([self.run(dec.embed_tokens(ids[i:i + CHUNK_ROWS]), mask[i:i + CHUNK_ROWS], 0, self.start)
-                          for i in range(0, len(ids), CHUNK_ROWS)])
+        dev = dec.embed_tokens.weight.device  # the model's device (run.device); batches live on the CPU
+        return torch.cat([self.run(dec.embed_tokens(ids[i:i + CHUNK_ROWS].to(dev)), mask[i:i + CHUNK_ROWS].to(dev),
+                                   0, self.start) for i in range(0, len(ids), CHUNK_ROWS)])
 
     def below(self, batch: PreparedBatch) -> torch.Tensor:
         """Hidden states entering layer ``start`` for the batch's rows: (N, T, H), from the cache of the
@@ -92,7 +93,7 @@ class LayerSplit:
             while self._store and sum(v.numel() * v.element_size() for _, v in self._store.values()) + nbytes > self.budget:
                 self._store.popitem(last=False)
             self._store[id(parent)] = (parent, value)  # the batch itself is kept: its id stays unique
-        value = value if rows is None else value[rows]
+        value = value if rows is None else value[rows.to(value.device)]
         return value[:, : batch.ids.shape[1]]
 
     def clear(self) -> None:
