@@ -113,6 +113,13 @@ SLOW_TESTS = {
     "test_strategy_semantics.py::test_fedper_is_fedvpt_on_a_prompted_backbone": "~4.6 CPU s",
     "test_strategy_semantics.py::test_fedavg_full_trains_the_backbone_and_refuses_large_ones": "~3.4 CPU s",
     "test_llm_sweep.py::test_llm_grid_reports_perplexity_with_cis_and_both_references": "~17 CPU s (3 LLM cells)",
+    # test_llm_run.py: the fast tier keeps the HF-equivalence check (one zero-shot run, ~6 CPU s)
+    "test_llm_run.py::test_summary_perplexity_is_the_mean_of_exp_client_losses": "~12 CPU s (a 3-round local run)",
+    "test_llm_run.py::test_local_training_lowers_each_speakers_loss_below_zero_shot": "shares that run",
+    "test_llm_run.py::test_training_never_touches_the_frozen_weights": "shares that run",
+    "test_llm_run.py::test_generations_are_written_for_every_client": "shares that run",
+    "test_llm_run.py::test_bad_llm_configs_exit_2_naming_the_field_before_any_run": "~7 CPU s per case (a subprocess)",
+    "test_llm_run.py::test_a_backbone_that_is_not_a_causal_lm_is_refused": "~7 CPU s (a subprocess)",
 }
 # The strategy conformance suite runs every registered strategy in the full tier; the fast tier keeps the
 # reference algorithm and its main baseline (each case costs 5-11 CPU s, its determinism rerun 5 more).
