@@ -151,3 +151,26 @@ def test_a_backbone_that_is_not_a_causal_lm_is_refused(tmp_path):
     tiny_tokenizer().save_pretrained(folder)
     rc, err = _refused(tmp_path, f"model.backbone={folder}")
     assert rc == 2 and "model.backbone" in err, err
+
+
+def test_cross_evaluation_scores_each_speakers_adapter_on_every_speaker(tmp_path):
+    """run.cross_eval on the llm modality: the diagonal is each speaker's own last evaluation, and the
+    perplexity gap is computed from the matrix's losses."""
+    import csv
+
+    out = tmp_path / "ce"
+    summary, rows = _run(out, **{"strategy.name": "fedsa_lora", "run.cross_eval": "true",
+                                 "client.optimizer": "adamw", "client.lr": 0.01})
+    cells = {(int(r["model_client"]), int(r["data_client"])): (float(r["accuracy"]), float(r["loss"]))
+             for r in csv.DictReader((out / "cross_eval.csv").open())}
+    n = summary["num_clients"]
+    assert set(cells) == {(m, d) for m in range(n) for d in range(n)}
+    own = rows[-1]["clients"]
+    for m in range(n):
+        assert abs(cells[(m, m)][0] - own[str(m)]["accuracy"]) < 1e-6
+        assert abs(cells[(m, m)][1] - own[str(m)]["test_loss"]) < 1e-6
+    ce = summary["final"]["cross_eval"]
+    own_ppl = np.mean([math.exp(cells[(m, m)][1]) for m in range(n)])
+    others = np.mean([np.mean([math.exp(cells[(m, d)][1]) for d in range(n) if d != m]) for m in range(n)])
+    assert abs(ce["own_perplexity"] - own_ppl) < 1e-4 * own_ppl
+    assert abs(ce["perplexity_gap"] - (others - own_ppl)) < 1e-4 * own_ppl

@@ -119,9 +119,10 @@ def _upload_problem(reply, pid: int, max_bytes: int) -> str:
     return ""
 
 
-def summarize(result: dict) -> dict:
+def summarize(result: dict, llm: bool = False) -> dict:
     """own_mean: mean over models of their home accuracy; others_mean: mean over models of their mean
-    accuracy on the other clients' splits (each model counts once); gap = own - others."""
+    accuracy on the other clients' splits (each model counts once); gap = own - others. ``llm``: also
+    the same in perplexity (own_perplexity, others_perplexity, perplexity_gap = others - own)."""
     matrix = result["matrix"]
     owners = sorted({m for m, _ in matrix})
     own = [matrix[(m, m)][0] for m in owners if (m, m) in matrix]
@@ -133,8 +134,20 @@ def summarize(result: dict) -> dict:
     own_mean = float(np.mean(own)) if own else None
     others_mean = float(np.mean(others)) if others else None
     gap = own_mean - others_mean if own_mean is not None and others_mean is not None else None
+    # The same in perplexity (exp of each cell's loss: for a causal LM the mean NLL per reply token), where
+    # a personal model's advantage at home is others - own (lower is better).
+    own_ppl = [math.exp(matrix[(m, m)][1]) for m in owners if (m, m) in matrix]
+    others_ppl = []
+    for m in owners:
+        v = [math.exp(loss) for (mm, d), (_, loss, _) in matrix.items() if mm == m and d != m]
+        if v:
+            others_ppl.append(float(np.mean(v)))
+    ppl = {}
+    if llm and own_ppl and others_ppl:
+        ppl = {"own_perplexity": float(np.mean(own_ppl)), "others_perplexity": float(np.mean(others_ppl)),
+               "perplexity_gap": float(np.mean(others_ppl)) - float(np.mean(own_ppl))}
     return {"own_mean": own_mean, "others_mean": others_mean, "gap": gap, "num_models": len(owners),
-            "failures": result["failures"]}
+            "failures": result["failures"], **ppl}
 
 
 def write(result: dict, out: Path, title: str = "") -> None:

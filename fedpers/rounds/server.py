@@ -139,7 +139,7 @@ def _cross_eval(cfg: ExperimentConfig, transport: Transport, train_ids: list[int
 
     result = cross_eval.run(cfg, transport, train_ids, cfg.run.rounds + cfg.run.unseen_rounds + 1)
     cross_eval.write(result, Path(cfg.run.output_dir), cfg.strategy.name)
-    summary = cross_eval.summarize(result)
+    summary = cross_eval.summarize(result, llm=cfg.model.modality == "llm")
     log.info("cross-evaluation: own %s, others %s, gap %s", summary["own_mean"], summary["others_mean"], summary["gap"])
     return summary
 
