@@ -43,7 +43,7 @@ def _pivot(ok: list[dict], parts: list[str], strats: list[str], key: str, name: 
         rs = [r for r in ok if r["strategy"] == s]
         if not rs:
             continue
-        cells = [_fmt([r[key] for r in rs if r["partition"] == p], pct) for p in parts]
+        cells = [_fmt([r.get(key) for r in rs if r["partition"] == p], pct) for p in parts]
         lines.append(f"| {s} | {_sci(float(np.mean([r['bytes_per_round'] for r in rs])))} | " + " | ".join(cells) + " |")
     seeds = {(r["partition"], r["strategy"]): 0 for r in ok}
     for r in ok:
