@@ -73,3 +73,25 @@ def test_text_lora_through_the_flower_engine_matches_the_fast_engine(tmp_path):
     a, b = runs["flower"]["final"]["per_client"], runs["fast"]["final"]["per_client"]
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 0.02 for k in a), (a, b)
     assert runs["flower"]["bytes"]["up_per_client_round"] > 0
+
+
+def test_llm_through_the_flower_engine_matches_the_fast_engine(tmp_path):
+    """The llm modality (LoRA on a tiny random Llama, chitchat speakers) through real Flower messages:
+    every client's reply loss per round equals the fast engine's (float tolerance), and the tiny model
+    folder reaches Ray's workers by its path."""
+    from tests.llm_helpers import llm_tiny_overrides
+
+    base = llm_tiny_overrides(tmp_path / "unused", "lora", **{"strategy.name": "fedit", "run.num_cpus_per_client": 2,
+                                                              "client.optimizer": "adamw", "client.lr": 0.01})
+    base = [o for o in base if not o.startswith(("run.engine=", "run.output_dir="))]
+    runs = {}
+    for engine in ("flower", "fast"):
+        out = tmp_path / engine
+        assert simulate.main(base + [f"run.engine={engine}", f"run.output_dir={out}"]) == 0
+        runs[engine] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(runs["flower"]) == len(runs["fast"]) == 2
+    for a, b in zip(runs["flower"], runs["fast"]):
+        assert a["clients"].keys() == b["clients"].keys() and a["num_failed"] == 0
+        for k in a["clients"]:
+            for m in ("test_loss", "train_loss"):
+                assert abs(a["clients"][k][m] - b["clients"][k][m]) < 1e-4, (k, m, a["clients"][k], b["clients"][k])
