@@ -94,7 +94,7 @@ class LlmModelConfig:
 class ModelConfig:
     modality: str = "vision"  # vision: timm ViT + visual prompts | text: Hugging Face language model + peft adapter
     backbone: str = "vit_fedpers_digits"  # vision: any timm ViT name; text: a hub model name or local folder (offline default: all-MiniLM-L6-v2)
-    adapter: str = "prompt"  # prompt: soft/visual prompts | prefix: prefix tuning (text) | lora: LoRA (text)
+    adapter: str = "prompt"  # prompt: soft/visual prompts | prefix: prefix tuning (text, llm) | lora: LoRA (text, llm) | auto: the strategy's first supported adapter (resolved when the config loads; config.yaml records the result)
     max_length: int = 64  # text: tokens per example (truncated / padded)
     lora: LoraModelConfig = field(default_factory=LoraModelConfig)
     llm: LlmModelConfig = field(default_factory=LlmModelConfig)

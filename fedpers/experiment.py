@@ -59,8 +59,21 @@ def from_layers(layers: list[Any]) -> ExperimentConfig:
     """Merge layers (dicts/DictConfigs) onto the schema, resolve the strategy section and validate."""
     cfg, strategy_raw = merge_layers(layers)
     cfg.strategy = strategy_config(strategy_raw)
+    if cfg.model.adapter == "auto":
+        cfg.model.adapter = auto_adapter(cfg)
     validate(cfg)
     return cfg
+
+
+def auto_adapter(cfg: ExperimentConfig) -> str:
+    """``model.adapter=auto``: the strategy's first declared adapter (prompts for pFedPG, FedAvg of prompts
+    and local training; LoRA for the LoRA methods), so one config serves every strategy; vision: prompt.
+    The resolved adapter is what the run's config.yaml records."""
+    from strategies import get_strategy_class
+
+    if cfg.model.modality == "vision":
+        return "prompt"
+    return get_strategy_class(cfg.strategy.name).adapters[0]
 
 
 def from_yaml(text: str) -> ExperimentConfig:

@@ -183,3 +183,17 @@ def test_client_optimizer_adamw_takes_adams_first_step_and_refuses_the_batched_t
     with pytest.raises(ConfigError) as e:
         load_config(None, ["client.optimizer=adamw", "run.batch_clients=true", "run.engine=fast"])
     assert e.value.field == "client.optimizer"
+
+
+def test_adapter_auto_resolves_to_each_strategys_first_adapter_and_is_recorded():
+    from fedpers.experiment import from_yaml, load_config
+
+    from strategies import get_strategy_class
+
+    base = ["model.modality=text", "model.backbone=all-MiniLM-L6-v2", "model.adapter=auto",
+            "data.dataset=synthetic_text_small"]
+    for name in ("pfedpg", "fedit", "local", "flora"):
+        cfg = load_config(None, base + [f"strategy.name={name}"])
+        assert cfg.model.adapter == get_strategy_class(name).adapters[0]
+        assert from_yaml(to_yaml(cfg)).model.adapter == cfg.model.adapter  # config.yaml holds the resolved one
+    assert load_config(None, ["model.adapter=auto"]).model.adapter == "prompt"  # vision
