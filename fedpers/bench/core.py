@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fedpers.bench import support as bs
+from fedpers.bench.llm import p9_llm
 from fedpers.bench.sweep_figure import p7_sweep
 
 # --quick: 3 of 30 small clients (~35 samples each), one local epoch: each part takes seconds.
@@ -203,8 +204,8 @@ def p5_bytes(tmp: Path) -> dict:
 
 def p6_cache(quick: bool, tmp: Path) -> dict:
     """Cached vs uncached local updates, per strategy kind, warm process (second pass)."""
-    from fedpers.models import cache
     from fedpers.client import evaluate, fit, make_context, start_tensors
+    from fedpers.models import cache
 
     pids, base = ([0, 1], QUICK) if quick else (list(range(5)), [])
     import dataclasses
@@ -312,11 +313,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", help="JSON file to write (default: print only)")
     ap.add_argument("--device", default="cpu", help="device of the batched trainer in P3: cpu | cuda | cuda:N")
     ap.add_argument("--quick", action="store_true", help="tiny settings, no Flower runs: about 3 minutes on 2 cores instead of about 10")
-    ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8,profile", help="comma-separated parts to run")
+    ap.add_argument("--only", default="P1,P2,P3,P4,P5,P6,P7,P8,P9,profile",
+                    help="comma-separated parts to run (P9: the LLM round, fedpers.bench.llm)")
+    ap.add_argument("--llm-backbone", default="smollm2-135m-instruct",
+                    help="P9: the causal LM (a name or a local model folder; default the packaged SmolLM2)")
+    ap.add_argument("--llm-speakers", type=int, default=200, help="P9: speakers whose LoRA states the memory check holds")
     ap.add_argument("--memory-child", nargs=2, type=int, metavar=("CLIENTS", "ROUNDS"), help=argparse.SUPPRESS)
+    ap.add_argument("--llm-memory-child", nargs=2, metavar=("BACKBONE", "SPEAKERS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
         print(json.dumps(bs.memory_child(*args.memory_child)))
+        return 0
+    if args.llm_memory_child:
+        from fedpers.bench.llm import memory_child
+
+        print(json.dumps(memory_child(args.llm_memory_child[0], int(args.llm_memory_child[1]))))
         return 0
     import logging
 
@@ -333,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         "P2_vs_flower": lambda t: p2_vs_flower(args.quick, t),
         "P7_sweep": lambda t: p7_sweep(args.quick, t),
         "P8_busy": lambda t: p8_busy(args.quick, t),
+        "P9_llm": lambda t: p9_llm(args.quick, t, args.llm_backbone, args.llm_speakers),
     }
     with tempfile.TemporaryDirectory(prefix="fedpers-bench-") as d:
         for key, fn in steps.items():
