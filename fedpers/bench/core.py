@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from fedpers.bench import support as bs
-from fedpers.bench.llm import p9_llm
 from fedpers.bench.sweep_figure import p7_sweep
 
 # --quick: 3 of 30 small clients (~35 samples each), one local epoch: each part takes seconds.
@@ -307,6 +306,13 @@ def profile_round(quick: bool, tmp: Path, top: int = 12) -> list[dict]:
              "share": round(v[2] / total, 3)} for k, v in rows]
 
 
+def _p9(args, tmp: Path) -> dict:
+    """The LLM part lives in fedpers.bench.llm, which reads this module's helpers (imported here, late)."""
+    from fedpers.bench.llm import p9_llm
+
+    return p9_llm(args.quick, tmp, args.llm_backbone, args.llm_speakers)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fedpers.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -344,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "P2_vs_flower": lambda t: p2_vs_flower(args.quick, t),
         "P7_sweep": lambda t: p7_sweep(args.quick, t),
         "P8_busy": lambda t: p8_busy(args.quick, t),
-        "P9_llm": lambda t: p9_llm(args.quick, t, args.llm_backbone, args.llm_speakers),
+        "P9_llm": lambda t: _p9(args, t),
     }
     with tempfile.TemporaryDirectory(prefix="fedpers-bench-") as d:
         for key, fn in steps.items():

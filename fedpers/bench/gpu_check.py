@@ -84,9 +84,9 @@ def vit_b16_round(device: str, quick: bool, backbone: str) -> dict:
     import numpy as np
     import torch
 
-    from fedpers.rounds import batched
     from fedpers.client import make_context
     from fedpers.experiment import load_config
+    from fedpers.rounds import batched
     from fedpers.rounds.engine import InProcessTransport
     from fedpers.rounds.server import build_strategy
 
