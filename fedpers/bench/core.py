@@ -21,26 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from fedpers.bench import support as bs
+from fedpers.bench.support import cfg_of, fast_rounds
 from fedpers.bench.sweep_figure import p7_sweep
 
 # --quick: 3 of 30 small clients (~35 samples each), one local epoch: each part takes seconds.
 QUICK = ["run.num_clients=30", "run.clients_per_round=3", "client.local_epochs=1", "data.partitioner.alpha=1.0"]
-
-
-def cfg_of(overrides: list[str], out: Path):
-    from fedpers.experiment import load_config
-
-    return load_config(None, [*overrides, "run.progress=false", f"run.output_dir={out}"])
-
-
-def fast_rounds(overrides: list[str], out: Path, rounds: int) -> list[dict]:
-    """The metrics rows of a fast-engine run in this process (``round_time_s`` = server + clients)."""
-    from fedpers.rounds.engine import InProcessTransport
-    from fedpers.rounds.server import run_server
-
-    cfg = cfg_of(["run.engine=fast", *overrides, f"run.rounds={rounds}"], out)
-    run_server(cfg, InProcessTransport(cfg))
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def fast_round_times(overrides: list[str], out: Path, rounds: int) -> list[float]:

@@ -86,6 +86,8 @@ def per_example_fwd_bwd(cfg, lora_from_layer: int, reps: int = 3) -> float:
 
 
 def p9_llm(quick: bool, tmp: Path, backbone: str, speakers: int) -> dict:
+    from fedpers.bench.support import cfg_of, fast_rounds
+
     clients = 2 if quick else 4
     base = llm_overrides(backbone, clients)
     rows = fast_rounds(base, tmp / "p9", 2)
@@ -108,24 +110,6 @@ def p9_llm(quick: bool, tmp: Path, backbone: str, speakers: int) -> dict:
         "memory": memory, "memory_target": "peak_rss_mb <= 3072",
         "config": base, "clients": clients,
     }
-
-
-def cfg_of(overrides: list[str], out: Path):
-    from fedpers.experiment import load_config
-
-    return load_config(None, [*overrides, "run.progress=false", f"run.output_dir={out}"])
-
-
-def fast_rounds(overrides: list[str], out: Path, rounds: int) -> list[dict]:
-    """The metrics rows of a fast-engine run in this process (as fedpers.bench.core's, which imports this)."""
-    import json
-
-    from fedpers.rounds.engine import InProcessTransport
-    from fedpers.rounds.server import run_server
-
-    cfg = cfg_of(["run.engine=fast", *overrides, f"run.rounds={rounds}"], out)
-    run_server(cfg, InProcessTransport(cfg))
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _depth(cfg) -> int:

@@ -227,3 +227,19 @@ def prompts_from_layer(model, layer: int):
             return vit.forward_head(x, pre_logits=True)
 
     return PromptedFromLayer(model.vit)
+
+
+def cfg_of(overrides: list[str], out: Path):
+    from fedpers.experiment import load_config
+
+    return load_config(None, [*overrides, "run.progress=false", f"run.output_dir={out}"])
+
+
+def fast_rounds(overrides: list[str], out: Path, rounds: int) -> list[dict]:
+    """The metrics rows of a fast-engine run in this process (``round_time_s`` = server + clients)."""
+    from fedpers.rounds.engine import InProcessTransport
+    from fedpers.rounds.server import run_server
+
+    cfg = cfg_of(["run.engine=fast", *overrides, f"run.rounds={rounds}"], out)
+    run_server(cfg, InProcessTransport(cfg))
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
