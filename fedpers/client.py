@@ -13,7 +13,7 @@ by overriding ``Strategy.client_update``; the building blocks it needs live here
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -82,6 +82,13 @@ class ClientContext:
         return torch.Generator().manual_seed(seed_for(self.cfg.run.seed, self.server_round, self.partition_id, *salt))
 
     tensor_shapes: dict[str, tuple[int, ...]] | None = None  # from ClientSetup; computed when absent
+    # the strategy's evaluator (Strategy.evaluate_model), set by the round dispatcher: finish() scores the
+    # validation split with it, as the strategy scores test; None = the one-forward-pass `evaluate`
+    scorer: Callable[[ClientContext, dict[str, torch.Tensor]], tuple[float, float]] | None = None
+
+    def validation(self) -> ClientContext:
+        """This context with the validation split in the test split's place (``ClientData.validation_view``)."""
+        return replace(self, data=self.data.validation_view())
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -396,7 +403,8 @@ def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], re
            trained: dict[str, torch.Tensor], losses: list[float],
            eval_tensors: dict[str, torch.Tensor] | None = None,
            eval_result: tuple[float, float] | None = None, local_steps: int | None = None,
-           extra_metrics: dict[str, float] | None = None) -> tuple[Reply, dict[str, np.ndarray]]:
+           extra_metrics: dict[str, float] | None = None,
+           val_result: tuple[float, float] | None = None) -> tuple[Reply, dict[str, np.ndarray]]:
     """Deltas of the sent tensors, the new personal state, and metrics (evaluated on ``eval_tensors``,
     default ``trained``; or given as ``eval_result`` = (loss, accuracy) by a batched evaluator).
     ``local_steps``: optimizer steps this round (default: one per loss in ``losses``), reported so that
@@ -407,7 +415,8 @@ def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], re
         for k in sends
     }
     state = {k: trained[k].detach().numpy().astype(DTYPE).copy() for k in personal}
-    test_loss, test_acc = eval_result or evaluate(ctx, eval_tensors if eval_tensors is not None else trained)
+    model = eval_tensors if eval_tensors is not None else trained
+    test_loss, test_acc = eval_result or evaluate(ctx, model)
     if ctx.cfg.run.cross_eval:  # the model just evaluated, kept for the cross-evaluation after training
         stash_for_cross_eval(state, eval_tensors if eval_tensors is not None else trained)
     if ctx.model.modality == "llm":
@@ -419,9 +428,21 @@ def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], re
         "test_accuracy": test_acc,
         "num_test": float(len(ctx.data.y_test)),
         "local_steps": float(len(losses) if local_steps is None else local_steps),
+        **validation_metrics(ctx, model, val_result),
         **(extra_metrics or {}),
     }
     return Reply(ctx.partition_id, arrays, ctx.data.num_train, metrics), state
+
+
+def validation_metrics(ctx: ClientContext, tensors: dict[str, torch.Tensor],
+                       result: tuple[float, float] | None = None) -> dict[str, float]:
+    """``val_loss``, ``val_accuracy`` and ``num_val`` of the evaluated model on the client's validation
+    split (data.val_fraction), scored by the strategy's own evaluator; {} when there is none. ``result``:
+    already computed by a batched evaluator."""
+    if not ctx.data.has_validation:
+        return {}
+    loss, acc = result if result is not None else (ctx.scorer or evaluate)(ctx.validation(), tensors)
+    return {"val_loss": float(loss), "val_accuracy": float(acc), "num_val": float(len(ctx.data.y_val))}
 
 
 def write_generations(ctx: ClientContext, tensors: dict[str, torch.Tensor], examples: list | None = None) -> None:

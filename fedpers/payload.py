@@ -12,6 +12,7 @@ import numpy as np
 DTYPE = np.float32
 MAX_NUM_EXAMPLES = 10_000_000
 METRIC_KEYS = ("train_loss", "test_loss", "test_accuracy", "num_test")
+OPTIONAL_METRIC_KEYS = ("val_loss", "val_accuracy", "num_val")
 
 
 @dataclass
@@ -112,6 +113,11 @@ def validate_reply(reply: Reply, spec: dict[str, tuple[int, ...]], max_bytes: in
         v = reply.metrics.get(key)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             return Rejection("metrics", f"metrics.{key}: {v!r} is not a finite number")
-    if not 0.0 <= reply.metrics["test_accuracy"] <= 1.0:
-        return Rejection("metrics", f"metrics.test_accuracy: {reply.metrics['test_accuracy']} outside [0, 1]")
+    for key in OPTIONAL_METRIC_KEYS:  # a client with a validation split (data.val_fraction) reports these
+        v = reply.metrics.get(key)
+        if key in reply.metrics and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+            return Rejection("metrics", f"metrics.{key}: {v!r} is not a finite number")
+    for key in ("test_accuracy", "val_accuracy"):
+        if key in reply.metrics and not 0.0 <= reply.metrics[key] <= 1.0:
+            return Rejection("metrics", f"metrics.{key}: {reply.metrics[key]} outside [0, 1]")
     return None

@@ -75,6 +75,12 @@ class _Reference(Strategy):
 
         return evaluate(ctx, tensors)
 
+    @classmethod
+    def evaluate_model(cls, ctx, tensors) -> tuple[float, float]:
+        """The reference's own scoring (in-context: the shots in the prompt), for validation and the
+        cross-evaluation alike."""
+        return cls.scores(ctx, tensors)
+
 
 @register_strategy
 class ZeroShot(_Reference):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -30,10 +30,24 @@ class ClientData:
     y_train: torch.Tensor  # labels; llm: each example's conversation index (int64)
     x_test: torch.Tensor | list[str] | list[dict]
     y_test: torch.Tensor
+    # data.val_fraction > 0: the validation split, carved from the non-test rows (None = no split)
+    x_val: torch.Tensor | list[str] | list[dict] | None = None
+    y_val: torch.Tensor | None = None
 
     @property
     def num_train(self) -> int:
         return int(self.y_train.shape[0])
+
+    @property
+    def has_validation(self) -> bool:
+        return self.y_val is not None and len(self.y_val) > 0
+
+    def validation_view(self) -> ClientData:
+        """This client with its validation split in the test split's place, so every evaluator (each
+        strategy's included) scores validation through the code path that scores test."""
+        if not self.has_validation:
+            raise ValueError("this client has no validation split (data.val_fraction = 0)")
+        return replace(self, x_test=self.x_val, y_test=self.y_val, x_val=None, y_val=None)
 
 
 @dataclass
@@ -133,6 +147,7 @@ def _build_cached(data_json: str, num_clients: int, seed: int) -> FederatedData:
 
 _CAP_STREAM = 0xCA9
 _TEST_CAP_STREAM = 0x7E57
+_VAL_STREAM = 0x7A1
 
 
 def cap_rows(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
@@ -151,7 +166,7 @@ def cap_train(client: ClientData, cap: int, rng: np.random.Generator) -> ClientD
     keep = cap_rows(np.arange(n), cap, rng)
     x = client.x_train
     x = [x[i] for i in keep.tolist()] if isinstance(x, list) else x[torch.from_numpy(keep)]
-    return ClientData(x, client.y_train[torch.from_numpy(keep)], client.x_test, client.y_test)
+    return replace(client, x_train=x, y_train=client.y_train[torch.from_numpy(keep)])
 
 
 def cap_test(client: ClientData, cap: int, rng: np.random.Generator) -> ClientData:
@@ -162,7 +177,7 @@ def cap_test(client: ClientData, cap: int, rng: np.random.Generator) -> ClientDa
     keep = cap_rows(np.arange(n), cap, rng)
     x = client.x_test
     x = [x[i] for i in keep.tolist()] if isinstance(x, list) else x[torch.from_numpy(keep)]
-    return ClientData(client.x_train, client.y_train, x, client.y_test[torch.from_numpy(keep)])
+    return replace(client, x_test=x, y_test=client.y_test[torch.from_numpy(keep)])
 
 
 def _image_array(ds) -> np.ndarray:
@@ -192,7 +207,8 @@ def _num_test(n: int, test_fraction: float) -> int:
 def required_size(data: DataConfig) -> int:
     """The smallest client that has data.min_client_size samples, a train sample and a full test split."""
     n = max(1, data.min_client_size)
-    while _num_test(n, data.test_fraction) < data.min_test_size or n - _num_test(n, data.test_fraction) < 1:
+    while (_num_test(n, data.test_fraction) < data.min_test_size or (data.val_fraction > 0 and _num_test(n, data.val_fraction) < 1)
+           or n - _num_test(n, data.test_fraction) - _num_test(n, data.val_fraction) < 1):
         n += 1
     return n
 
@@ -234,18 +250,21 @@ def _split(x_all: np.ndarray, y_all: np.ndarray, data: DataConfig, num_classes: 
     from fedpers.data.shift import apply_shift
 
     n = len(y_all)
-    n_test = _num_test(n, data.test_fraction)
+    n_test, n_val = _num_test(n, data.test_fraction), _num_test(n, data.val_fraction)
     y = torch.from_numpy(y_all)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + pid))
-    test, train = order[:n_test], order[n_test:]
+    # test first, then validation, then train: with data.val_fraction = 0 the splits are the ones before
+    # validation existed, and the validation rows never depend on the strategy
+    test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+    splits = [train, test] + ([val] if n_val else [])
     if x_all.dtype == object:  # text: lists of strings (domain shift is image-only; validated at config time)
-        (x_tr, x_te), (y_tr, y_te), shift_info = apply_shift(data.shift, seed, pid, num_classes,
-                                                             [None, None], [y[train], y[test]])
-        return ClientData([x_all[i] for i in train.tolist()], y_tr, [x_all[i] for i in test.tolist()], y_te), shift_info
-    x = torch.from_numpy(x_all)
-    (x_tr, x_te), (y_tr, y_te), shift_info = apply_shift(data.shift, seed, pid, num_classes,
-                                                         [x[train], x[test]], [y[train], y[test]])
-    return ClientData(x_tr, y_tr, x_te, y_te), shift_info
+        xs = [[x_all[i] for i in rows.tolist()] for rows in splits]
+        _, ys, shift_info = apply_shift(data.shift, seed, pid, num_classes, [None] * len(splits), [y[r] for r in splits])
+    else:
+        x = torch.from_numpy(x_all)
+        xs, ys, shift_info = apply_shift(data.shift, seed, pid, num_classes, [x[r] for r in splits], [y[r] for r in splits])
+    val_part = (xs[2], ys[2]) if n_val else (None, None)
+    return ClientData(xs[0], ys[0], xs[1], ys[1], *val_part), shift_info
 
 
 def _build_dialogue_federation(data, num_clients: int, seed: int):
@@ -281,6 +300,15 @@ def _build_dialogue_federation(data, num_clients: int, seed: int):
         assert (d.turn_speaker[turns] == spk).all()
         train, test = split_by_conversation(d, turns, data.test_fraction,
                                             np.random.default_rng([seed, spk, _SPLIT_STREAM]))
+        val = np.zeros(0, dtype=np.int64)
+        if data.val_fraction > 0:  # whole conversations of the non-test side, as the test split is cut
+            try:
+                train, val = split_by_conversation(d, train, data.val_fraction / (1 - data.test_fraction),
+                                                   np.random.default_rng([seed, spk, _VAL_STREAM]))
+            except ValueError:
+                raise DataError(f"client {pid} (speaker {d.speakers[spk]}): data.val_fraction={data.val_fraction} "
+                                "needs training replies in at least 2 conversations; raise "
+                                "data.dialogue.min_utterances or set data.val_fraction=0") from None
         n_train_all = len(train)
         train = cap_rows(train, data.max_train_per_client, np.random.default_rng([seed, spk, _CAP_STREAM]))
         if len(test) < data.min_test_size:
@@ -293,6 +321,8 @@ def _build_dialogue_federation(data, num_clients: int, seed: int):
             torch.from_numpy(d.turn_conv[train].astype(np.int64)),
             [d.example(int(i), dl.context_turns) for i in test],
             torch.from_numpy(d.turn_conv[test].astype(np.int64)),
+            *(([d.example(int(i), dl.context_turns) for i in val], torch.from_numpy(d.turn_conv[val].astype(np.int64)))
+              if len(val) else (None, None)),
         ))
         client_info.append({"speaker": d.speakers[spk], "utterances": int(d.utterances[spk]),
                             "examples_before_cap": n_train_all,

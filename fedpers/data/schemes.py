@@ -221,6 +221,9 @@ def validate_data(cfg: ExperimentConfig) -> None:
                      f"got {s.num_label_groups}")
 
     _require(0 < d.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {d.test_fraction}")
+    _require(0 <= d.val_fraction < 1 and d.test_fraction + d.val_fraction < 1, "data.val_fraction",
+             f"must be in [0, 1) with data.test_fraction + data.val_fraction < 1 (training data must remain), "
+             f"got {d.val_fraction} (test_fraction {d.test_fraction})")
     _require(d.min_test_size >= 1, "data.min_test_size", f"must be >= 1, got {d.min_test_size}")
     _require(d.min_client_size >= 1, "data.min_client_size", f"must be >= 1, got {d.min_client_size}")
     _require(d.small_client_policy in SMALL_CLIENT_POLICIES, "data.small_client_policy",

@@ -12,6 +12,7 @@ import numpy as np
 
 from fedpers.config import ExperimentConfig, to_yaml
 from fedpers.payload import TIMED_OUT_KINDS, Failure, Reply, serialized_nbytes
+from fedpers.results.validation import ValidationTrack
 
 
 def worst_fraction_mean(values: list[float], fraction: float = 0.1) -> float:
@@ -58,6 +59,7 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 CLIENT_EXTRAS = ("local_steps", "alpha", "rank")
+VAL_EXTRAS = ("val_accuracy", "val_loss")  # data.val_fraction > 0
 
 
 def _steps(ok: list[Reply]) -> dict | None:
@@ -94,6 +96,7 @@ class Ledger:
         self.last_loss: dict[int, float] = {int(k): v for k, v in (resume or {}).get("last_loss", {}).items()}
         # each client's test-split size at its last evaluation: the sample-weighted accuracy's weights
         self.last_num_test: dict[int, float] = {int(k): v for k, v in (resume or {}).get("last_num_test", {}).items()}
+        self.val = ValidationTrack(cfg.model.modality == "llm", resume)  # data.val_fraction > 0
         self.metrics_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         # metrics.jsonl is the full record; memory keeps each round without its per-client metrics, so a
         # run with many clients does not grow by a dict per client per round.
@@ -114,7 +117,7 @@ class Ledger:
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
         return {"rows": rows, "last_acc": {str(k): v for k, v in self.last_acc.items()},
                 "last_loss": {str(k): v for k, v in self.last_loss.items()},
-                "last_num_test": {str(k): v for k, v in self.last_num_test.items()}}
+                "last_num_test": {str(k): v for k, v in self.last_num_test.items()}, **self.val.state_dict()}
 
     def record_round(self, server_round: int, *, sampled: list[int], ok: list[Reply], failed: list[Failure],
                      applied: bool, bytes_down: dict[int, int], server_metrics: dict, seconds: float,
@@ -147,7 +150,7 @@ class Ledger:
                     "train_loss": u.metrics["train_loss"],
                     "num_examples": int(u.num_examples),
                     # strategy-reported per-client numbers: local_steps (every strategy), alpha (apfl), rank (hetlora)
-                    **{k: float(u.metrics[k]) for k in CLIENT_EXTRAS if k in u.metrics},
+                    **{k: float(u.metrics[k]) for k in CLIENT_EXTRAS + VAL_EXTRAS if k in u.metrics},
                 }
                 for u in ok
             },
@@ -156,6 +159,7 @@ class Ledger:
             "accuracy_weighted": weighted_accuracy(acc, n_test),
             "test_loss_mean": float(np.mean([float(u.metrics["test_loss"]) for u in ok])) if ok else float("nan"),
             "local_steps": _steps(ok),
+            **self.val.round_fields(ok, self.last_acc, self.last_loss),  # data.val_fraction > 0
             "bytes_up": int(sum(up)),
             "bytes_down": int(sum(bytes_down.values())),
             "bytes_up_per_client": float(np.mean(up)) if up else 0.0,
@@ -228,6 +232,8 @@ class Ledger:
             "rounds_applied": sum(1 for r in self.rows if r["applied"]),
             "rolled_back_rounds": [r["round"] for r in self.rows if r.get("rejected")],
             "wall_time_s": time.perf_counter() - self.t0,
+            # data.val_fraction > 0: the validation-best round and the test figures there and at the last round
+            "validation": self.val.summary(self.rows),
             **(extra or {}),
         }
         write_json_atomic(self.out / "summary.json", summary)
@@ -241,6 +247,7 @@ class Ledger:
 
     def _write_csv(self) -> None:
         cols = ["round", "accuracy_mean", "accuracy_std", "accuracy_worst10", "accuracy_weighted", "test_loss_mean",
+                *(["val_accuracy_mean", "val_loss_mean"] if any("val_accuracy_mean" in r for r in self.rows) else []),
                 "num_ok", "num_failed", "num_timed_out", "applied", "bytes_up", "bytes_down", "round_time_s"]
         lines = [",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in self.rows]
         (self.out / "rounds.csv").write_text("\n".join(lines) + "\n")

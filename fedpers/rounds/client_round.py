@@ -27,6 +27,7 @@ def client_round(
 
     strategy_cls = get_strategy_class(cfg.strategy.name)
     ctx = make_context(cfg, partition_id, server_round, data)
+    ctx.scorer = strategy_cls.evaluate_model  # the validation split is scored as the strategy scores test
     if cross_eval.CONTROL in received:  # not a training round: upload or score personal models
         return cross_eval.client_op(ctx, strategy_cls, received, state), state
     reply, state = strategy_cls.client_update(ctx, received, state)

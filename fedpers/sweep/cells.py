@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fedpers.config import ConfigError, ExperimentConfig, to_yaml
 from fedpers.experiment import from_yaml
+from fedpers.sweep.selection import val_fields
 
 
 @dataclass
@@ -69,6 +70,8 @@ def row_of(cell: Cell, status: str, error: str = "") -> dict:
             "perplexity_mean": f.get("perplexity_mean"),
             "perplexity_worst10": f.get("perplexity_worst10"),
             "unseen_perplexity_mean": f.get("unseen_perplexity_mean"),
+            # data.val_fraction > 0: the validation-best round and the test figures there
+            **val_fields(s),
         })
     return row
 

@@ -44,6 +44,7 @@ from fedpers.experiment import from_layers
 from fedpers.sweep.cells import Cell, is_done, row_of
 from fedpers.sweep.local import run_grid  # the executors live there; run_grid stays importable from here
 from fedpers.sweep.report import COLUMNS, plot, write_csv, write_table  # noqa: F401  (the report lives there)
+from fedpers.sweep.selection import parse_select, selected_rows
 from fedpers.sweep.stats import REFERENCE
 
 log = logging.getLogger("fedpers")
@@ -93,7 +94,7 @@ def _named(entries: Any, field: str, to_overrides) -> dict[str, dict]:
     return out
 
 
-GRID_KEYS = ("output_dir", "base", "strategies", "partitions", "seeds", "reference", "axis")
+GRID_KEYS = ("output_dir", "base", "strategies", "partitions", "seeds", "reference", "axis", "select")
 AXIS_KEYS = ("field", "values", "full_value", "label")
 
 
@@ -135,6 +136,13 @@ def grid_reference(path: str | Path) -> str | list[str]:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("reference", REFERENCE)
 
 
+def grid_select(path: str | Path) -> dict[str, list[str]]:
+    """The grid's ``select`` groups (see :mod:`fedpers.sweep.selection`); :func:`load_grid` checked them."""
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    return parse_select(raw.get("select"), [str(k) for k in _named(raw.get("strategies"), "grid.strategies",
+                                                                   lambda n: {"strategy.name": n})])
+
+
 def load_grid(path: str | Path, extra_base: list[str] | None = None, only: dict[str, list[str]] | None = None,
               output_dir: str | None = None) -> tuple[Path, list[Cell]]:
     """Grid file -> (output dir, validated cells). Every cell's config is validated before any runs."""
@@ -159,6 +167,7 @@ def load_grid(path: str | Path, extra_base: list[str] | None = None, only: dict[
     if reference is not None and (bad or not refs):  # unset: pfedpg, if the grid has it
         raise ConfigError("grid.reference", f"{bad[0] if bad else reference!r} is not one of the grid's strategy "
                                             f"labels: {', '.join(strategies)}")
+    parse_select(raw.get("select"), list(strategies))  # checked here, applied by the report
     axis = parse_axis(raw.get("axis"))
     seeds = raw.get("seeds") or [0]
     if not all(isinstance(s, int) for s in seeds):
@@ -272,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     wall = time.perf_counter() - t0
     title = f"{Path(args.grid).name}: {len(cells)} cells"
-    print(write_table(rows, out_dir / "table.md", title, reference))
+    chosen, notes = selected_rows(rows, grid_select(args.grid))
+    rows = rows + chosen  # each select group's validation-chosen variant, under the group's label
+    print(write_table(rows, out_dir / "table.md", title, reference, notes))
     plot(rows, out_dir / "plots")
     from fedpers.sweep.stats import plot as plot_ci
 

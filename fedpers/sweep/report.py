@@ -12,7 +12,8 @@ import numpy as np
 COLUMNS = ["partition", "strategy", "seed", "status", "accuracy_mean", "accuracy_worst10", "unseen_accuracy_mean",
            "cross_eval_gap", "params_per_round", "bytes_per_round", "local_steps", "rounds", "wall_time_s", "output_dir",
            "error", "setting", "axis_value", "perplexity_mean", "perplexity_worst10", "unseen_perplexity_mean",
-           "accuracy_weighted"]
+           "accuracy_weighted", "val_criterion", "val_score", "val_best_round", "accuracy_at_best_val",
+           "perplexity_at_best_val"]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -52,8 +53,10 @@ def _pivot(ok: list[dict], parts: list[str], strats: list[str], key: str, name: 
     return lines + ["", f"Seeds per cell: {', '.join(map(str, counts))}.", ""]
 
 
-def write_table(rows: list[dict], path: Path, title: str, reference: str | list[str] | None = None) -> str:
-    """table.md: pivots, per-partition tables, CIs and the paired differences to ``reference`` (None: pfedpg)."""
+def write_table(rows: list[dict], path: Path, title: str, reference: str | list[str] | None = None,
+                selection_notes: list[str] | None = None) -> str:
+    """table.md: pivots, per-partition tables, CIs and the paired differences to ``reference`` (None: pfedpg).
+    ``selection_notes``: which variant each ``select`` group took on validation (its rows are in ``rows``)."""
     ok = [r for r in rows if r["status"] == "ok"]
     parts = list(dict.fromkeys(r["partition"] for r in rows))
     strats = list(dict.fromkeys(r["strategy"] for r in rows))
@@ -64,7 +67,13 @@ def write_table(rows: list[dict], path: Path, title: str, reference: str | list[
               "clients after personalizing from the trained server state. gap (run.cross_eval): a personal model's "
               "accuracy on its own client minus on the others' (points). params/bytes: per client and round, "
               "down + up. steps: local optimizer steps per client and round (the local budget).")
+    has_val = any(r.get("val_best_round") not in (None, "") for r in ok)
+    legend += (" Test figures are at the last round" + ("; the 'at the validation-best round' tables take each "
+               "cell's round with the best mean validation score (data.val_fraction), chosen without test data."
+               if has_val else " (no validation split: data.val_fraction = 0)."))
     lines = [f"# {title}", "", legend, ""]
+    if selection_notes:
+        lines += ["## Variants selected on validation", ""] + selection_notes + [""]
     llm = any(r.get("perplexity_mean") not in (None, "") for r in ok)
     if llm:  # LLM cells: perplexity first (not a percentage); their accuracy is next-token accuracy
         legend += (" LLM cells: perplexity = exp(mean NLL per reply token) per client, averaged over clients "
@@ -76,6 +85,12 @@ def write_table(rows: list[dict], path: Path, title: str, reference: str | list[
     for key, name in (("accuracy_mean", "accuracy"), ("accuracy_weighted", "sample-weighted accuracy"),
                       ("accuracy_worst10", "worst-10%"), ("unseen_accuracy_mean", "unseen-client accuracy")):
         lines += _pivot(ok, parts, strats, key, "next-token " + name if llm else name)
+    if has_val:
+        lines += _pivot(ok, parts, strats, "accuracy_at_best_val",
+                        ("next-token accuracy" if llm else "accuracy") + " at the validation-best round")
+        if llm:
+            lines += _pivot(ok, parts, strats, "perplexity_at_best_val", "perplexity at the validation-best round",
+                            pct=False)
     for p in parts:
         lines += [f"## {p}", "", ("| strategy | seeds | accuracy | worst-10% | unseen | gap | params/round (down + up) "
                                   "| bytes/round (down + up) | steps |"),
