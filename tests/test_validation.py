@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -163,3 +164,18 @@ def test_the_report_says_which_round_its_test_figures_are_from(tmp_path):
     assert "Test figures are at the last round" in text and "validation-best round" in text
     assert "| a | 40 | 55.0 ± 0.0 |" in text  # the pivot at the validation-best round
     assert "## Variants selected on validation" in text
+
+
+def test_learning_curves_average_each_strategys_rounds_over_seeds(tmp_path):
+    from fedpers.sweep.curves import curves, plot_curves
+
+    rows = []
+    for seed, accs in ((0, [0.2, 0.4, 0.6]), (1, [0.4, 0.6, 0.7, 0.9])):  # seed 1 ran a round more
+        d = tmp_path / "p" / "gen" / f"seed{seed}"
+        d.mkdir(parents=True)
+        (d / "rounds.csv").write_text("round,accuracy_mean\n" + "".join(f"{i + 1},{a}\n" for i, a in enumerate(accs)))
+        rows.append({"partition": "p", "strategy": "gen", "seed": seed, "status": "ok", "output_dir": str(d)})
+    x, mean, lo, hi = curves(rows, "accuracy_mean")[("p", "gen")]
+    assert x.tolist() == [1, 2, 3]  # the rounds every seed reached
+    assert np.allclose(mean, [0.3, 0.5, 0.65]) and np.allclose(lo, [0.2, 0.4, 0.6]) and np.allclose(hi, [0.4, 0.6, 0.7])
+    assert [p.name for p in plot_curves(rows, tmp_path / "plots")] == ["curves_accuracy.png"]

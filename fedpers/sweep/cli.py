@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     from fedpers.sweep.stats import plot as plot_ci
 
     plot_ci(rows, out_dir / "plots", reference)
+    from fedpers.sweep.curves import plot_curves
+
+    plot_curves(rows, out_dir / "plots")  # learning curves per setting, one line per strategy
     axis = parse_axis(OmegaConf.to_container(OmegaConf.load(args.grid), resolve=True).get("axis"))
     if axis is not None:  # regime map: paired differences along the axis, appended to table.md
         from fedpers.sweep.regimes import crossovers, plot_regimes
