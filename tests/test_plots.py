@@ -125,3 +125,13 @@ def test_sweep_scatter_legend_matches_its_points_and_accuracy_starts_at_zero(tmp
             assert matplotlib.colors.to_hex(pts.get_facecolor()[0]) == matplotlib.colors.to_hex(handle.get_color())
     bars = saved["accuracy_by_strategy.png"].axes[0]
     assert bars.get_ylim()[0] == 0 and "std over seeds" in bars.get_title()
+
+
+def test_domains_plot_names_each_clients_transforms():
+    from fedpers.data.stats import domain_label
+
+    label = domain_label({"group": 2, "domain": {"rotate": -35.2, "contrast": 1.5, "invert": True,
+                                                  "color": [1.1, 0.9, 1.0], "blur": 0.4}})
+    assert label.splitlines() == ["group 2:", "rotate -35°", "contrast x1.50", "inverted", "color x1.10/0.90/1.00",
+                                  "blur 0.40"]
+    assert domain_label({"group": 0, "label_map": [1, 0]}) == ""

@@ -273,9 +273,10 @@ def plot_domains(fed: FederatedData, per_client: int = 4, max_clients: int = 10)
     import matplotlib.pyplot as plt
 
     n = min(len(fed.clients), max_clients)
-    fig, axes = plt.subplots(n, per_client, figsize=(1.3 * per_client, 1.3 * n), squeeze=False)
+    fig, axes = plt.subplots(n, per_client, figsize=(1.3 * per_client + 2.6, 1.3 * n), squeeze=False)
     for i in range(n):
         x, y = fed.clients[i].x_train, fed.clients[i].y_train
+        info = fed.shift_info[i] if i < len(fed.shift_info) else {}
         for j in range(per_client):
             ax = axes[i, j]
             ax.axis("off")
@@ -283,5 +284,27 @@ def plot_domains(fed: FederatedData, per_client: int = 4, max_clients: int = 10)
                 img = x[j].permute(1, 2, 0).numpy()
                 ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
                 ax.set_title(f"c{i} y={int(y[j])}", fontsize=7)
+        # each client's domain: its shift group and the transforms with their magnitudes
+        axes[i, -1].text(1.08, 0.5, domain_label(info), transform=axes[i, -1].transAxes, fontsize=6,
+                         va="center", ha="left")
     fig.tight_layout()
     return fig
+
+
+def domain_label(info: dict) -> str:
+    """'group g: rotate 12°, contrast x1.3, ...' for a client's domain shift (empty without one)."""
+    if "domain" not in info:
+        return ""
+    parts = []
+    for t, v in info["domain"].items():
+        if t == "rotate":
+            parts.append(f"rotate {v:+.0f}°")
+        elif t == "invert":
+            parts.append("inverted" if v else "not inverted")
+        elif isinstance(v, list):
+            parts.append(f"{t} x" + "/".join(f"{g:.2f}" for g in v))
+        elif t in ("contrast", "color"):
+            parts.append(f"{t} x{v:.2f}")
+        else:
+            parts.append(f"{t} {v:.2f}")
+    return f"group {info.get('group')}:\n" + "\n".join(parts)
