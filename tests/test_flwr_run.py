@@ -72,7 +72,9 @@ def test_flwr_run_dot_works_from_a_clone(tmp_path):
     home, out = tmp_path / "home", tmp_path / "results"
     control, http = free_port(), free_port()
     env = {**os.environ, "HOME": str(home), "FLWR_LOCAL_CONTROL_API_PORT": str(control),
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http), "PYTHONPATH": str(ROOT)}
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http), "PYTHONPATH": str(ROOT),
+           # the README's setting: reuse this environment, no `uv sync` of the app's dependencies per run
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     env.pop("FLWR_HOME")  # Flower's default, ~/.flwr, under the temp HOME
     flwr = Path(sys.executable).parent / "flwr"
     overrides = f"run.rounds=1 client.local_epochs=1 run.progress=false run.output_dir={out}"
@@ -86,6 +88,8 @@ def test_flwr_run_dot_works_from_a_clone(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 1 and summary["num_clients"] == 10 and summary["failures"] == 0
+    # the results folder simulate writes: the partition report of the simulated federation included
+    assert json.loads((out / "partitions" / "partitions.json").read_text())["num_clients"] == 10
     # Flower moved the connection into the user's Flower config, as its default.
     conns = tomllib.loads((home / ".flwr" / "config.toml").read_text())["superlink"]
     assert conns["default"] == "local-simulation"
@@ -104,3 +108,12 @@ def test_flwr_runs_without_an_output_dir_each_get_their_own_folder():
     mine = load_config(None, ["run.output_dir=results/mine"])
     per_run_output_dir(mine, 19)
     assert mine.run.output_dir == "results/mine"
+
+
+def test_flowers_runtime_install_pins_what_pip_pins():
+    """`flwr run` resolves the app's dependencies with uv: [tool.uv] constraint-dependencies must hold
+    every pin of constraints.txt (a drift would give `flwr run` another torch than the README install)."""
+    pins = [line.split("#")[0].strip() for line in (ROOT / "constraints.txt").read_text().splitlines()]
+    pins = sorted(p.replace(" ", "") for p in pins if p)
+    uv = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["uv"]["constraint-dependencies"]
+    assert sorted(u.replace(" ", "") for u in uv) == pins

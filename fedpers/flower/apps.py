@@ -60,6 +60,7 @@ class FlowerTransport:
         deadline = time.monotonic() + timeout_s
         mapping: dict[int, int] = {}
         refused: set[int] = set()  # nodes whose data folder is unusable: asked once, then left out
+        self.device_data_nodes = 0  # nodes training on their own folder (data-path), not a simulated partition
         while time.monotonic() < deadline:
             nodes = [n for n in self.grid.get_node_ids() if n not in mapping.values() and n not in refused]
             if nodes:
@@ -82,6 +83,7 @@ class FlowerTransport:
                         if pid in mapping:
                             raise FlowerRunError(f"two nodes claim partition-id {pid}")
                         mapping[pid] = reply.metadata.src_node_id
+                        self.device_data_nodes += int(bool(reply.content["info"].get("device-data", 0)))
             if len(mapping) + len(refused) >= num_clients:
                 break
             time.sleep(0.5)
@@ -192,7 +194,10 @@ def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = N
             if cfg is None:  # deployment: the checks simulate.run makes before a simulation
                 safety.claim_output_dir(c)
                 safety.check_memory(c)
-            summary = run_server(c, FlowerTransport(grid, c))
+            transport = FlowerTransport(grid, c)
+            if cfg is None and transport.device_data_nodes == 0:
+                write_partitions_report(c)  # `flwr run` of a simulated federation: the folder simulate writes
+            summary = run_server(c, transport)
             if cfg is None:
                 safety.check_outcome(summary)
         except BaseException as e:
@@ -203,6 +208,15 @@ def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = N
             result["summary"] = summary
 
     return app
+
+
+def write_partitions_report(c: ExperimentConfig) -> None:
+    """``<output_dir>/partitions/``, as ``python -m fedpers.simulate`` writes it, when every node trains
+    on its partition of the simulated federation (no node has its own ``data-path``)."""
+    from fedpers.data.stats import describe_setting, write_report
+    from fedpers.experiment import build
+
+    write_report(build(c).data(), Path(c.run.output_dir) / "partitions", describe_setting(c.data, c.run.seed))
 
 
 server_app = make_server_app()
@@ -233,7 +247,7 @@ def _device_data(context: Context, cfg: ExperimentConfig, pid: int):
 
 @client_app.query()
 def query(msg: Message, context: Context) -> Message:
-    info = {"partition-id": _partition_id(context)}
+    info = {"partition-id": _partition_id(context), "device-data": int(bool(context.node_config.get("data-path")))}
     problem = _data_problem(context)
     if problem:  # the server names it and does not count on this node, instead of failing every round
         info["data-error"] = problem
