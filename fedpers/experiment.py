@@ -98,7 +98,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(m.modality in scls.modalities, "model.modality",
              f"strategy {scls.name!r} supports {', '.join(scls.modalities)}, not {m.modality!r}")
     _require(m.adapter in scls.adapters, "model.adapter",
-             f"strategy {scls.name!r} supports adapters {', '.join(scls.adapters)}, not {m.adapter!r}")
+             f"strategy {scls.name!r} supports adapters {', '.join(scls.adapters)}, not {m.adapter!r}: "
+             f"set model.adapter={scls.adapters[0]} (or auto)")
     validate_strategy = getattr(cfg.strategy, "validate", None)
     if validate_strategy is not None:
         validate_strategy()

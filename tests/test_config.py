@@ -197,3 +197,23 @@ def test_adapter_auto_resolves_to_each_strategys_first_adapter_and_is_recorded()
         assert cfg.model.adapter == get_strategy_class(name).adapters[0]
         assert from_yaml(to_yaml(cfg)).model.adapter == cfg.model.adapter  # config.yaml holds the resolved one
     assert load_config(None, ["model.adapter=auto"]).model.adapter == "prompt"  # vision
+
+
+@pytest.mark.parametrize("strategy, adapter", [("pfedpg", "prompt"), ("local", "prompt"), ("fedavg", "prompt"),
+                                               ("fedit", "lora"), ("zero_shot", None), ("in_context", None),
+                                               ("pfedlora_gen", "lora"), ("hetlora", "lora")])
+def test_llm_chitchat_takes_the_readme_strategy_overrides(strategy, adapter):
+    """The shipped LLM config with `strategy.name=...`: model.adapter=auto gives prompt methods soft prompts
+    and LoRA methods LoRA; an explicit mismatch is refused with the override to use."""
+    from pathlib import Path
+
+    f = Path(__file__).parents[1] / "experiments" / "configs" / "llm_chitchat.yaml"
+    cfg = load_config(f, [f"strategy.name={strategy}"])
+    if adapter is not None:
+        assert cfg.model.adapter == adapter
+        from strategies import get_strategy_class
+
+        wrong = "lora" if adapter == "prompt" else "prompt"
+        if wrong not in get_strategy_class(strategy).adapters:
+            with pytest.raises(ConfigError, match=f"set model.adapter={adapter}"):
+                load_config(f, [f"strategy.name={strategy}", f"model.adapter={wrong}"])
