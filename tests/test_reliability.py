@@ -130,7 +130,7 @@ def test_yaml_syntax_and_shape_errors_name_the_file(tmp_path, capsys, text, wher
     path.write_text(text)
     assert simulate.main(["--config", str(path), "--show-config"]) == 2
     err = capsys.readouterr().err
-    assert where in err and ("c.yaml" in err or where == "run")
+    assert where in err and str(path) in err
 
 
 @pytest.mark.parametrize("override, field", [
