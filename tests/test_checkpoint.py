@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fedpers import simulate
-from fedpers.results.checkpoint import FILENAME, CheckpointError, load_checkpoint, read_checkpoint
 from fedpers.experiment import load_config
+from fedpers.results.checkpoint import FILENAME, CheckpointError, load_checkpoint, read_checkpoint
 from fedpers.rounds.engine import InProcessTransport
 from fedpers.rounds.server import run_server
 from tests.conftest import tiny_overrides
@@ -57,11 +57,16 @@ def final_state(out: Path):
 def assert_bit_identical(a, b):
     (ca, ra, sa), (cb, rb, sb) = a, b
     assert ca["round"] == cb["round"] == ROUNDS
+    assert ca["strategy"]["generator"].keys() == cb["strategy"]["generator"].keys()
     for k, v in ca["strategy"]["generator"].items():
         assert torch.equal(v, cb["strategy"]["generator"][k]), k
-    for (i, x), y in zip(ca["strategy"]["optimizer"]["state"].items(), cb["strategy"]["optimizer"]["state"].values()):
+    oa, ob = ca["strategy"]["optimizer"], cb["strategy"]["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys() and oa["state"], (oa["state"].keys(), ob["state"].keys())
+    for i, x in oa["state"].items():
+        assert x.keys() == ob["state"][i].keys(), i
         for key in x:
-            assert torch.equal(torch.as_tensor(x[key]), torch.as_tensor(y[key])), (i, key)
+            assert torch.equal(torch.as_tensor(x[key]), torch.as_tensor(ob["state"][i][key])), (i, key)
     assert ca["clients"].keys() == cb["clients"].keys()
     for pid in ca["clients"]:
         for k, v in ca["clients"][pid].items():
@@ -171,7 +176,6 @@ def assert_tree_equal(a, b, path="state"):
 def test_every_strategy_resumes_bit_identical(tmp_path, name):
     """Conformance: a strategy's state_dict must hold everything its future updates depend on."""
     from fedpers.rounds.server import build_strategy
-
     from strategies import get_strategy_class
     from tests.conftest import text_tiny_overrides
 
