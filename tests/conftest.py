@@ -64,6 +64,21 @@ def text_tiny_overrides(out_dir, adapter: str = "lora", **extra) -> list[str]:
     return tiny_overrides(out_dir, **text)
 
 
+def assert_same_client_losses(out_a, out_b, rel: float = 1e-4) -> None:
+    """Two runs' metrics.jsonl agree round by round: the same clients, and each client's test and train loss
+    within ``rel`` (relative). Accuracy is a count of a few test images; the losses move with every weight."""
+    import json
+    from pathlib import Path
+
+    runs = [[json.loads(line) for line in (Path(o) / "metrics.jsonl").read_text().splitlines()] for o in (out_a, out_b)]
+    assert len(runs[0]) == len(runs[1]) > 0, [len(r) for r in runs]
+    for a, b in zip(*runs):
+        assert a["clients"].keys() == b["clients"].keys(), (a["round"], a["clients"].keys(), b["clients"].keys())
+        for k in a["clients"]:
+            for m in ("test_loss", "train_loss"):
+                assert a["clients"][k][m] == pytest.approx(b["clients"][k][m], rel=rel), (a["round"], k, m)
+
+
 def copy_app(dest):
     """A copy of the Flower app (what `flwr run` bundles). `flwr run` on it may migrate its
     [tool.flwr.federations] section into $FLWR_HOME/config.toml and comment it out there, as Flower
