@@ -176,7 +176,17 @@ def load_yaml_mapping(path: str | Path, field_name: str) -> DictConfig:
     if not isinstance(loaded, DictConfig):
         raise ConfigError(field_name, f"{path}: the top level must be a mapping of config sections "
                                       f"(run:, data:, ...), not a {type(loaded).__name__.removesuffix('Config').lower()}")
+    _check_sections(loaded, f"{path}: ")
     return loaded
+
+
+def _check_sections(layer: DictConfig, where: str = "") -> None:
+    """Each config section present is a mapping ("run: 3" would otherwise be an anonymous omegaconf merge
+    error); ``where`` prefixes the message (a YAML file's path)."""
+    for key in SECTIONS:
+        v = layer.get(key)
+        _require(v is None or isinstance(v, DictConfig), key,
+                 f"{where}must be a mapping of {key}.* fields, got {type(v).__name__}: {v!r}")
 
 
 def merge_layers(layers: list[Any]) -> tuple[ExperimentConfig, Any]:
@@ -188,10 +198,8 @@ def merge_layers(layers: list[Any]) -> tuple[ExperimentConfig, Any]:
     for layer in layers:
         layer = OmegaConf.create(layer) if not isinstance(layer, DictConfig) else layer
         layer = layer.copy()
-        for key in SECTIONS:  # "run: 3" would otherwise be an anonymous omegaconf merge error
-            v = layer.get(key) if isinstance(layer, DictConfig) else None
-            _require(v is None or isinstance(v, DictConfig), key,
-                     f"must be a mapping of {key}.* fields, got {type(v).__name__}: {v!r}")
+        if isinstance(layer, DictConfig):
+            _check_sections(layer)
         if "strategy" in layer:
             strategy_layers.append(layer.pop("strategy"))
         try:

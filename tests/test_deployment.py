@@ -19,7 +19,7 @@ import pytest
 from fedpers import simulate
 from fedpers.experiment import load_config
 from fedpers.export_partitions import export
-from tests.conftest import copy_app, tiny_overrides
+from tests.conftest import assert_same_client_losses, copy_app, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -190,7 +190,5 @@ def test_tls_authenticated_deployment_matches_simulation(tmp_path):
                          + [f"run.output_dir={sim}"]) == 0
     a = summary["final"]["per_client"]
     b = json.loads((sim / "summary.json").read_text())["final"]["per_client"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert abs(a[k] - b[k]) <= 0.02, (k, a[k], b[k])
+    assert_same_client_losses(out, sim)  # every client's losses, every round, not a few test images' accuracy
     print(f"deployment test: run {run_s:.1f}s, failing run {bad_s:.1f}s, dead SuperLink {dead_s:.1f}s, total {time.perf_counter() - t_start:.1f}s, per-client {a} vs {b}")

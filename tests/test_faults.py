@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedpers.rounds.faults import MALFORMED, FaultyTransport
 from fedpers.payload import Reply
+from fedpers.rounds.faults import MALFORMED, FaultyTransport
 from fedpers.rounds.server import build_strategy, run_server, sample_clients
 from strategies import ClientUpdate
 
@@ -45,10 +45,15 @@ def reference_state(cfg, ok_per_round: dict[int, list[int]]):
 
 
 def assert_same_state(a, b):
+    assert a["generator"].keys() == b["generator"].keys()
     for k in a["generator"]:
         torch.testing.assert_close(a["generator"][k], b["generator"][k], rtol=0, atol=0, msg=k)
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], rtol=0, atol=0)
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa and sa.keys() == sb.keys(), (sa.keys(), sb.keys())  # an optimizer that never stepped has no state
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys(), i
+        for key in sa[i]:
+            torch.testing.assert_close(sa[i][key], sb[i][key], rtol=0, atol=0, msg=f"{i}/{key}")
 
 
 @pytest.fixture

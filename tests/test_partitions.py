@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 from fedpers.config import PARTITIONERS, ConfigError
-
-from fedpers.experiment import load_config
 from fedpers.data import DataError, build_federated
 from fedpers.data.partition import _build_cached, enforce_min_size, required_size
 from fedpers.data.schemes import list_schemes
 from fedpers.data.stats import heterogeneity
+from fedpers.experiment import load_config
 
 NUM_DIGITS = 1348  # digits minus the backbone-pretraining hold-out
 
@@ -287,7 +286,19 @@ def test_every_simulation_saves_its_partition_report(tmp_path):
     rep = json.loads((out / "partitions" / "partitions.json").read_text())
     assert rep["num_clients"] == 3 and len(rep["shift"]["per_client"]) == 3
     assert "domain" in rep["shift"]["per_client"][0]
-    assert 0 <= het["js_mean"] <= 1
+    # the heterogeneity figures, recomputed from the saved label counts: each client's counts add up to its
+    # split sizes, and the JS distance (base 2) of its label shares to the pooled ones averages to js_mean
+    counts = np.array(rep["label_counts"], dtype=float)
+    assert counts.sum(axis=1).tolist() == [a + b for a, b in zip(rep["num_train"], rep["num_test"])]
+    pooled = counts.sum(axis=0) / counts.sum()
+
+    def kl(p, q):
+        return sum(a * np.log2(a / b) for a, b in zip(p, q) if a > 0)
+
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    js = [np.sqrt((kl(q, (q + pooled) / 2) + kl(pooled, (q + pooled) / 2)) / 2) for q in shares]
+    assert rep["heterogeneity"]["per_client_js"] == pytest.approx(js, abs=1e-6)
+    assert het["js_mean"] == rep["heterogeneity"]["js_mean"] == pytest.approx(np.mean(js))
     assert (out / "partitions" / "domains.png").is_file() and (out / "summary.json").is_file()
 
 

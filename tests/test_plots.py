@@ -1,9 +1,11 @@
 """What the plots say: titles, integer round ticks, every client named with its test-split size, accuracy
 axes from 0, colour-blind-safe colours, legends that match the points, labelled colour bars."""
 
+import itertools
 import json
 
 import matplotlib
+import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
@@ -60,11 +62,57 @@ def test_per_client_plot_survives_perfect_and_zero_scores(tmp_path, saved):
     assert err[0][1][1] == 1.0 and err[1][0][1] == 0.0  # the bars end at the score they bound
 
 
-def test_categorical_colours_are_distinct_and_avoid_red_green_pairs():
-    for n in (2, 9, 10, 15):
-        cols = [matplotlib.colors.to_hex(c) for c in plotting.categorical(n)]
-        assert len(set(cols)) == n
-    assert "#ff0000" not in plotting.categorical(10) and "#00ff00" not in plotting.categorical(10)
+# Dichromat vision, simulated: Machado, Oliveira & Fernandes (2009), "A Physiologically-based Model for
+# Simulation of Color Vision Deficiency", IEEE TVCG 15(6), severity-1.0 matrices, applied to linear sRGB.
+CVD = {
+    "deuteranopia": [[0.367322, 0.860646, -0.227968], [0.280085, 0.672501, 0.047413], [-0.011820, 0.042940, 0.968881]],
+    "protanopia": [[0.152286, 1.052583, -0.204868], [0.114503, 0.786281, 0.099216], [-0.003882, -0.048116, 1.051998]],
+    "tritanopia": [[1.255528, -0.076749, -0.178779], [-0.078411, 0.930809, 0.147602], [0.004733, 0.691367, 0.303900]],
+    "normal": [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+}
+# Minimum CIELAB distance (CIE76) between two colours of one plot, in every simulated vision. matplotlib's
+# tab10 red and green (#d62728, #2ca02c) are 7.3 apart under deuteranopia, the classic unreadable pair.
+MIN_DELTA_E = 12.0
+
+
+def lab_as_seen(colour, vision: str) -> np.ndarray:
+    """CIELAB (D65) of an sRGB colour as a viewer with ``vision`` sees it."""
+    c = np.asarray(matplotlib.colors.to_rgb(colour))
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    linear = np.clip(np.asarray(CVD[vision]) @ linear, 0, 1)
+    xyz = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+                    [0.0193339, 0.1191920, 0.9503041]]) @ linear
+    t = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(t > (6 / 29) ** 3, np.cbrt(t), t / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def closest_pair(colours, vision: str) -> tuple[float, str, str]:
+    return min((float(np.linalg.norm(lab_as_seen(a, vision) - lab_as_seen(b, vision))),
+                matplotlib.colors.to_hex(a), matplotlib.colors.to_hex(b))
+               for a, b in itertools.combinations(colours, 2))
+
+
+def test_the_colour_vision_check_rejects_red_green():
+    assert closest_pair(["#d62728", "#2ca02c"], "deuteranopia")[0] < MIN_DELTA_E
+    assert closest_pair(["#d62728", "#2ca02c"], "normal")[0] > MIN_DELTA_E  # fine for typical vision
+
+
+def test_categorical_colours_stay_apart_under_colour_vision_deficiencies():
+    """Up to the palette's 10 colours (Tol's muted nine and grey) every pair of one plot stays apart in
+    every simulated vision. Past that, viridis samples: an ordered scale, whose lightness rises
+    monotonically in every simulated vision, so neighbours are told apart by order and lightness."""
+    for n in range(2, len(plotting.TOL_MUTED) + 2):
+        cols = plotting.categorical(n)
+        for vision in CVD:
+            d, a, b = closest_pair(cols, vision)
+            assert d >= MIN_DELTA_E, (n, vision, a, b, d)
+    for n in (11, 15, 30):
+        cols = plotting.categorical(n)
+        assert len({matplotlib.colors.to_hex(c) for c in cols}) == n
+        for vision in CVD:
+            lightness = [lab_as_seen(c, vision)[0] for c in cols]
+            assert all(b > a for a, b in itertools.pairwise(lightness)), (n, vision)
 
 
 def test_result_plots_name_the_run_every_client_and_its_test_size(tmp_path, saved):
@@ -90,9 +138,9 @@ def test_result_plots_name_the_run_every_client_and_its_test_size(tmp_path, save
 
 
 def test_partition_heatmap_has_a_labelled_colour_bar_and_named_clients(tmp_path, saved):
-    from fedpers.experiment import load_config
     from fedpers.data import build_federated
     from fedpers.data.stats import describe_setting, write_report
+    from fedpers.experiment import load_config
 
     cfg = load_config(None, ["run.num_clients=4", "run.clients_per_round=4", "run.seed=2"])
     fed = build_federated(cfg.data, 4, 2)

@@ -175,16 +175,39 @@ def test_sweep_on_a_two_node_cluster_equals_the_local_sweep(cluster, tmp_path):
     assert again.returncode == 0 and "4 already finished, 0 to run" in again.stderr, again.stderr[-2000:]
 
 
+PROBE = """
+import json, sys
+import ray
+from ray._private import state
+ray.init(address=sys.argv[1], logging_level="ERROR")
+print(json.dumps({
+    "nodes": sorted(n["NodeID"] for n in ray.nodes() if n["Alive"]),
+    "jobs": {j["JobID"]: j["DriverPid"] for j in state.jobs()},
+    "actors": [[a["JobID"], a["ActorClassName"], a["Address"]["NodeID"]] for a in state.actors().values()],
+}))
+"""
+
+
 def test_flower_simulation_joins_the_cluster(cluster, tmp_path):
     out = tmp_path / "flower"
-    res = _run(["-m", "fedpers.simulate", "run.engine=flower", f"run.ray_address={cluster['address']}",
-                "run.num_clients=2", "run.clients_per_round=2", "run.rounds=1", "client.local_epochs=1",
-                "data.partitioner.alpha=1.0", "run.progress=false", f"run.output_dir={out}"], cluster["env"])
-    assert res.returncode == 0, res.stderr[-4000:]
+    args = ["-m", "fedpers.simulate", "run.engine=flower", f"run.ray_address={cluster['address']}",
+            "run.num_clients=2", "run.clients_per_round=2", "run.rounds=1", "client.local_epochs=1",
+            "data.partitioner.alpha=1.0", "run.progress=false", f"run.output_dir={out}"]
+    proc = subprocess.Popen([sys.executable, *args], env=cluster["env"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=420)
+    assert proc.returncode == 0, err[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 1 and len(summary["final"]["per_client"]) == 2
-    # Flower disconnected from the cluster without shutting it down: a later driver still finds both nodes.
-    code = (f"import ray; ray.init(address={cluster['address']!r}, logging_level='ERROR'); "
-            "print(sum(n['Alive'] for n in ray.nodes()))")
-    probe = _run(["-c", code], cluster["env"], 120)
-    assert probe.stdout.strip().splitlines()[-1] == "2", probe.stderr[-2000:]
+    # The cluster's own record: the run's process was a driver of this cluster, and its Flower client actors
+    # were placed on the cluster's two nodes (one CPU each, one client actor per CPU). A run that started a
+    # Ray of its own would leave no job and no actor here. Flower disconnected without shutting the cluster
+    # down: this later driver still finds both nodes.
+    probe = _run(["-c", PROBE, cluster["address"]], cluster["env"], 120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    seen = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert len(seen["nodes"]) == 2, seen
+    job = [j for j, pid in seen["jobs"].items() if pid == proc.pid]
+    assert len(job) == 1, (proc.pid, seen["jobs"])
+    placed = [(cls, node) for j, cls, node in seen["actors"] if j == job[0]]
+    assert placed and {node for _, node in placed} == set(seen["nodes"]), (placed, seen["nodes"])

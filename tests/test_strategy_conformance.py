@@ -4,12 +4,15 @@ One module-scoped run per strategy (2 training rounds on 2 clients, then 1 excha
 client) is shared by every assertion; only the determinism check runs again (1 round)."""
 
 import dataclasses
+import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fedpers.rounds.engine import InProcessTransport
 from fedpers.experiment import split_clients
+from fedpers.rounds.engine import InProcessTransport
 from fedpers.rounds.server import build_strategy, run_server
 from strategies import get_strategy_class, list_strategies
 
@@ -111,6 +114,9 @@ def test_metrics_are_finite(two_rounds):
         latest.update({str(p): r.metrics["test_accuracy"] for p, r in received.items()})
     assert summary["final"]["per_client"] == latest
     assert summary["final"]["accuracy_mean"] == pytest.approx(np.mean(list(latest.values())))
+    # worst-10%: the mean of the lowest ceil(10%) clients
+    k = math.ceil(0.1 * len(latest))
+    assert summary["final"]["accuracy_worst10"] == pytest.approx(np.mean(sorted(latest.values())[:k]))
 
 
 TWO_PHASE = ("fedrep", "ditto", "apfl_fixed", "feddpa")  # strategies whose rounds split the budget (split_budget)
@@ -130,7 +136,19 @@ def test_every_strategy_gets_the_same_local_budget(two_rounds):
             # split_budget gives each phase at least one step, so a one-step budget costs a two-phase strategy 2.
             top = max(budget, 2) if strategy.name in TWO_PHASE else budget
             assert budget - slack <= reply.metrics["local_steps"] <= top, (pid, reply.metrics["local_steps"], budget)
-    assert summary["local_steps"]["min"] <= summary["local_steps"]["per_client_round"] <= summary["local_steps"]["max"]
+    # the summary's figures, recomputed from the replies themselves and from metrics.jsonl's per-client rows:
+    # per round the mean over its clients, then the mean over rounds; min and max over every client and round
+    steps = [
+        {str(p): r.metrics["local_steps"] for p, r in received.items()} for received in t.received[: cfg.run.rounds]
+    ]
+    rows = [json.loads(line) for line in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [{p: c["local_steps"] for p, c in row["clients"].items()} for row in rows] == steps
+    steps = [list(s.values()) for s in steps]
+    assert summary["local_steps"] == {
+        "per_client_round": pytest.approx(np.mean([np.mean(s) for s in steps])),
+        "min": min(map(min, steps)),
+        "max": max(map(max, steps)),
+    }
 
 
 class _FirstRoundDone(Exception):
