@@ -189,12 +189,16 @@ def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = N
             c = cfg if cfg is not None else config_from_run_config(context.run_config)
             if cfg is None:
                 per_run_output_dir(c, context.run_id)
-            if cfg is None:  # deployment: the checks simulate.run makes before a simulation
-                safety.claim_output_dir(c)
+            if cfg is None:  # deployment: the checks and the folder claim simulate.run makes in a simulation
+                from fedpers.results import run_folder
+
+                run_folder.check(c)
                 safety.check_memory(c)
-            summary = run_server(c, FlowerTransport(grid, c))
-            if cfg is None:
+                with run_folder.claim(c):
+                    summary = run_server(c, FlowerTransport(grid, c))
                 safety.check_outcome(summary)
+            else:
+                summary = run_server(c, FlowerTransport(grid, c))
         except BaseException as e:
             if result is not None:
                 result["error"] = e
