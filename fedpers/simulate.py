@@ -71,6 +71,7 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, verbose: bool = False) -
     not finite. A failure before the first round leaves the results folder as it was (see
     :mod:`fedpers.results.run_folder`)."""
     from fedpers import safety
+    from fedpers.models.weights_file import check_weights_file
     from fedpers.results import run_folder
     from fedpers.rounds import threads
 
@@ -81,6 +82,7 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, verbose: bool = False) -
 
         run_folder.check_finished(cfg, load_checkpoint(cfg)["round"])
     safety.check_memory(cfg)
+    check_weights_file(cfg.model)
     threads.prime()  # the fast engine's first thread decision samples the load during preflight
     with run_folder.claim(cfg, overwrite):  # locked; a failure before round 1 puts the folder back
         preflight(cfg)

@@ -142,3 +142,34 @@ def test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder(tmp_path
     assert not (out / "metrics.jsonl").exists()
     assert simulate.main(tiny_overrides(out, **{"run.rounds": 1})) == 0  # released when the holder ended
 
+
+def _bare_tensor(path: Path) -> None:
+    import torch
+
+    torch.save(torch.zeros(3), path)
+
+
+def _other_model(path: Path) -> None:
+    import torch
+
+    torch.save({"state_dict": {"module.head.weight": torch.zeros(10, 4)}}, path)
+
+
+@pytest.mark.parametrize(
+    "name, write, problem",
+    [
+        ("w.safetensors", lambda p: p.write_bytes(os.urandom(256)), "not a safetensors file"),
+        ("w.npz", lambda p: p.write_bytes(os.urandom(256)), "not a .npz archive"),
+        ("w.npy", lambda p: p.write_bytes(os.urandom(256)), "holds one array"),
+        ("w.pt", _bare_tensor, "holds a Tensor, not a mapping"),
+        ("w.pt", _other_model, "names vit_fedpers_digits does not have (e.g. head.weight)"),
+    ],
+)
+def test_an_unusable_weights_file_exits_2_naming_it_before_any_work(tmp_path, capsys, name, write, problem):
+    weights = tmp_path / name
+    write(weights)
+    out = tmp_path / "run"
+    assert simulate.main(tiny_overrides(out, **{"model.checkpoint": str(weights)})) == 2
+    err = capsys.readouterr().err
+    assert "model.checkpoint" in err and str(weights) in err and problem in err
+    assert "Traceback" not in err and not out.exists()  # refused before the folder, the data and the backbone

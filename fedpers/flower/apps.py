@@ -190,10 +190,12 @@ def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = N
             if cfg is None:
                 per_run_output_dir(c, context.run_id)
             if cfg is None:  # deployment: the checks and the folder claim simulate.run makes in a simulation
+                from fedpers.models.weights_file import check_weights_file
                 from fedpers.results import run_folder
 
                 run_folder.check(c)
                 safety.check_memory(c)
+                check_weights_file(c.model)
                 with run_folder.claim(c):
                     summary = run_server(c, FlowerTransport(grid, c))
                 safety.check_outcome(summary)
