@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from fedpers.config import ConfigError, ExperimentConfig
 
 
@@ -21,12 +19,16 @@ class RunFailed(RuntimeError):
 
 def memory_lower_bound_bytes(cfg: ExperimentConfig) -> int:
     """A lower bound of the memory one run needs: one client's trained tensors with their gradients
-    and momentum, every client's private head, and one example's activations through the backbone
-    (one (tokens x width) tensor per block, one (tokens x tokens) attention map). Real use is higher;
-    the point is that a typo (``model.num_prompts=2000000``) is refused in a second instead of
+    and momentum and the tensors the strategy broadcasts to it, every client's private head, the
+    strategy's server state (generator, bases, optimizer moments: ``Strategy.server_state_numel``,
+    computed from shapes) and one example's activations through the backbone (one (tokens x width)
+    tensor per block, one (tokens x tokens) attention map). Real use is higher; the point is that a typo
+    (``model.num_prompts=2000000``, ``strategy.basis_size=100000000``) is refused in a second instead of
     allocating gigabytes a minute later."""
     from fedpers.client import client_tensor_shapes
     from fedpers.data.catalog import get_dataset_info
+    from strategies import get_strategy_class
+    from strategies.base import numel
 
     m = cfg.model
     num_classes = get_dataset_info(cfg.data.dataset).num_classes
@@ -39,9 +41,12 @@ def memory_lower_bound_bytes(cfg: ExperimentConfig) -> int:
         dim, depth, patches = _vit_dims(m.backbone, m.img_size)
         tokens = 1 + m.num_prompts + patches
     shapes = client_tensor_shapes(cfg, num_classes, dim)
-    per_client = sum(int(np.prod(s, dtype=np.float64)) for s in shapes.values())
+    per_client = numel(shapes.values())
     head = 0 if m.modality == "llm" else num_classes * (dim + 1)  # an LLM client has no head
-    floats = 3 * per_client + cfg.run.num_clients * head + depth * tokens * dim + tokens * tokens
+    scls, n = get_strategy_class(cfg.strategy.name), cfg.run.num_clients
+    server = scls.server_state_numel(cfg.strategy, num_clients=n, shapes=shapes)
+    broadcast = numel(scls.broadcast_shapes(cfg.strategy, num_clients=n, shapes=shapes).values())
+    floats = 3 * per_client + broadcast + n * head + server + depth * tokens * dim + tokens * tokens
     return int(4 * floats)
 
 
@@ -64,7 +69,8 @@ def check_memory(cfg: ExperimentConfig) -> None:
     if need > cfg.run.max_memory_gb:
         raise ConfigError("run.max_memory_gb", f"this config needs at least {need:.1f} GB of tensors and "
                                                f"activations, over run.max_memory_gb={cfg.run.max_memory_gb} "
-                                               f"(check model.num_prompts, model.img_size, run.num_clients); "
+                                               f"(check model.num_prompts, model.img_size, run.num_clients and the "
+                                               f"strategy's sizes, e.g. strategy.basis_size or strategy.hidden_dim); "
                                                f"raise the limit if it is meant")
 
 

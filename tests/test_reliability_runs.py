@@ -173,3 +173,101 @@ def test_an_unusable_weights_file_exits_2_naming_it_before_any_work(tmp_path, ca
     err = capsys.readouterr().err
     assert "model.checkpoint" in err and str(weights) in err and problem in err
     assert "Traceback" not in err and not out.exists()  # refused before the folder, the data and the backbone
+
+
+def _state_numel(state) -> int:
+    """Numbers in a strategy ``state_dict``: float tensors and arrays of at least one dimension."""
+    import numpy as np
+    import torch
+
+    if isinstance(state, dict):
+        return sum(_state_numel(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_numel(v) for v in state)
+    if isinstance(state, np.ndarray) and state.ndim and np.issubdtype(state.dtype, np.inexact):
+        return state.size
+    if isinstance(state, torch.Tensor) and state.ndim and state.is_floating_point():
+        return state.numel()
+    return 0
+
+
+def _cases():
+    from strategies import get_strategy_class, list_strategies
+
+    cases = []
+    for name in list_strategies():
+        cls = get_strategy_class(name)
+        cases += [(name, "vision", {})] if "vision" in cls.modalities else []
+        cases += [(name, "lora", {})] if "text" in cls.modalities and "lora" in cls.adapters else []
+    # the optimizer's state depends on its kind: Adam 2 moments, SGD with momentum 1, plain SGD none
+    cases += [
+        ("pfedhn", "vision", {"strategy.server_optimizer": "sgd", "strategy.server_momentum": 0.9}),
+        ("pfedpg", "vision", {"strategy.server_optimizer": "sgd", "strategy.basis_size": 7}),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize(
+    "name, adapter, extra",
+    _cases(),
+    ids=lambda c: c if isinstance(c, str) else ",".join(f"{k[9:]}={v}" for k, v in c.items()),
+)
+def test_declared_server_state_size_is_what_the_strategy_holds(tmp_path, name, adapter, extra):
+    """Declared from shapes (before anything is allocated) = the numbers in its state_dict once every
+    client has replied, so the memory check sees generators, bases, folds and optimizer moments."""
+    import numpy as np
+
+    from fedpers.experiment import build
+    from strategies import ClientUpdate, get_strategy_class
+    from tests.conftest import text_tiny_overrides
+
+    over = {"strategy.name": name, **extra}
+    cfg = load_config(
+        None,
+        tiny_overrides(tmp_path, **over) if adapter == "vision" else text_tiny_overrides(tmp_path, adapter, **over),
+    )
+    cls, n = get_strategy_class(name), cfg.run.num_clients
+    declared = cls.server_state_numel(cfg.strategy, num_clients=n, shapes=build(cfg).shapes)
+    s = build(cfg).new_strategy()
+    pids = list(range(n))
+    s.configure(1, pids)
+    metrics = {"train_loss": 0.5, "test_loss": 0.6, "test_accuracy": 0.5, "num_test": 4.0, "local_steps": 1.0}
+    s.aggregate(
+        1,
+        [
+            ClientUpdate(p, {k[6:]: np.full(v, 0.01, np.float32) for k, v in s.reply_spec(p).items()}, 10, metrics)
+            for p in pids
+        ],
+    )
+    assert declared == _state_numel(s.state_dict())
+    assert s.broadcast == cls.broadcast_shapes(cfg.strategy, num_clients=n, shapes=s.shapes)
+    if hasattr(s, "generator"):
+        got = {k: tuple(p.shape) for k, p in s.generator.named_parameters()}
+        assert cls.generator_shapes(cfg.strategy, num_clients=n, shapes=s.shapes) == got
+
+
+@pytest.mark.parametrize(
+    "name, field, value", [("pfedpg", "strategy.basis_size", 100_000_000), ("pfedhn", "strategy.hidden_dim", 100_000)]
+)
+def test_a_huge_strategy_tensor_is_refused_before_it_is_allocated(tmp_path, capsys, name, field, value):
+    from fedpers.safety import memory_lower_bound_bytes
+    from strategies import get_strategy_class
+
+    small, big = (
+        load_config(None, tiny_overrides(tmp_path / "o", **{"strategy.name": name, **kw}))
+        for kw in ({}, {field: value})
+    )
+    # the estimate grows by exactly the declared server state (4 bytes a number): nothing else changed
+    cls, shapes, n = get_strategy_class(name), build_shapes(small), small.run.num_clients
+    grown = cls.server_state_numel(big.strategy, num_clients=n, shapes=shapes) - cls.server_state_numel(
+        small.strategy, num_clients=n, shapes=shapes
+    )
+    assert memory_lower_bound_bytes(big) - memory_lower_bound_bytes(small) == 4 * grown > 40 * 2**30
+    assert simulate.main(tiny_overrides(tmp_path / "o", **{"strategy.name": name, field: value})) == 2
+    assert "run.max_memory_gb" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def build_shapes(cfg):
+    from fedpers.experiment import build
+
+    return build(cfg).shapes
