@@ -271,3 +271,32 @@ def build_shapes(cfg):
     from fedpers.experiment import build
 
     return build(cfg).shapes
+
+
+class Silent(Stub):
+    """Training-free clients of which ``silent`` never answer."""
+
+    def __init__(self, silent):
+        super().__init__()
+        self.silent = set(silent)
+
+    def exchange(self, server_round, payloads, timeout):
+        return {p: r for p, r in super().exchange(server_round, payloads, timeout).items() if p not in self.silent}
+
+
+def test_final_accuracy_says_which_clients_it_covers(tmp_path):
+    """A client with no accepted reply has no personal model to score: the means leave it out and the
+    summary says so (count and ids), instead of silently averaging fewer clients."""
+    from fedpers.rounds.server import run_server
+
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path / "o", **{"run.num_clients": 4, "run.clients_per_round": 4, "run.rounds": 1, "run.min_replies": 1}
+        ),
+    )
+    final = run_server(cfg, Silent({1, 3}))["final"]
+    assert final["num_clients_evaluated"] == 2 and final["clients_never_evaluated"] == [1, 3]
+    assert sorted(final["per_client"]) == ["0", "2"]
+    full = run_server(load_config(None, tiny_overrides(tmp_path / "p", **{"run.rounds": 1})), Stub())["final"]
+    assert full["num_clients_evaluated"] == 3 and full["clients_never_evaluated"] == []
