@@ -194,6 +194,10 @@ def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = N
                 from fedpers.results import run_folder
 
                 run_folder.check(c)
+                if c.run.resume:  # a finished run stays as it is (AlreadyFinished says so)
+                    from fedpers.results.checkpoint import load_checkpoint
+
+                    run_folder.check_finished(c, load_checkpoint(c)["round"])
                 safety.check_memory(c)
                 check_weights_file(c.model)
                 with run_folder.claim(c):

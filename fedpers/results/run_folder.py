@@ -150,9 +150,14 @@ class Claim:
                 f"{self.out} is in use by another run: {holder(self.out)}; wait "
                 f"for it to end or choose another run.output_dir",
             ) from None
-        self.fd = fd
-        if os.fstat(fd).st_ino != os.stat(path).st_ino:  # its holder removed the folder while we waited
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder removed the folder (a failed start) between our open and our lock
+            os.close(fd)
             raise ConfigError("run.output_dir", f"{self.out} was removed while this run was starting; run it again")
+        self.fd = fd
         started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n".encode(), 0)
@@ -180,7 +185,14 @@ class Claim:
     def rollback(self) -> None:
         """Before the first round: remove what this claim created and put the old run back."""
         if self.created:
-            shutil.rmtree(self.created[0], ignore_errors=True)
+            if self.fd is not None:  # locked: nobody else is in there
+                shutil.rmtree(self.created[0], ignore_errors=True)
+            else:  # never locked (another run holds it, or the folder is not writable): empty folders only
+                for d in reversed(self.created):
+                    try:
+                        os.rmdir(d)
+                    except OSError:
+                        break
             return
         if not self.out.is_dir():
             return
