@@ -56,7 +56,7 @@ class RunConfig:
     num_gpus_per_client: float = 0.0  # Flower engine: GPU share of each simulated client (0.5 = two clients per GPU)
     ray_address: Optional[str] = None  # Flower engine: run the clients on this existing Ray cluster (HOST:PORT or auto); None = start a local Ray
     checkpoint_every: int = 1  # save server state to <output_dir>/checkpoint.pt every k rounds (0 = never)
-    resume: bool = False  # continue from <output_dir>/checkpoint.pt (run.rounds may grow; other fields must match)
+    resume: bool = False  # continue from <output_dir>/checkpoint.pt (run.rounds may grow; other fields must match); a finished run at run.rounds is left untouched (exit 0, says so)
     holdout_clients: float = 0.0  # unseen clients, never trained, personalized after training: a fraction in (0, 1) or a whole count >= 1 (0 = none)
     unseen_rounds: int = 3  # exchanges in which each held-out client adapts to the frozen trained server state
     cache: bool = True  # exact per-process caches of frozen computation (patch embeddings, frozen features)
@@ -66,7 +66,7 @@ class RunConfig:
     batch_clients: bool = False  # fast engine: train a round's clients together in mixed batches
     batch_max_samples: int = 1024  # batch_clients: most samples in one mixed forward/backward (clients grouped)
     device: str = "cpu"  # torch device (cpu | cuda | cuda:N) of the batched trainer (batch_clients) and of the frozen LLM (model.modality=llm)
-    overwrite: bool = False  # allow a fresh run into an output_dir that already holds a run (its metrics and checkpoint are replaced); otherwise that is refused
+    overwrite: bool = False  # allow a fresh run into an output_dir that already holds a run: the old run is moved aside, put back if the new one fails before its first round, deleted after it; otherwise that is refused
     max_delta_norm: float = 1e4  # replies whose delta (all tensors jointly) has a larger L2 norm are rejected before they touch server state
     max_num_examples: int = 100_000  # a reply claiming more examples counts as this many in weighted aggregation
     max_memory_gb: float = 32.0  # refuse to start when a lower bound of client + server tensor and activation memory exceeds this

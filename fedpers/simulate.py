@@ -65,33 +65,40 @@ def run(cfg: ExperimentConfig, overwrite: bool = False, verbose: bool = False) -
     """Run ``cfg`` into its results folder. ``overwrite``: the caller owns the folder (the sweep re-runs
     unfinished cells) and allows replacing a run there, as ``run.overwrite=true`` does.
 
-    Raises ConfigError (a folder holding a run, memory over ``run.max_memory_gb``) before any work, and
-    RunFailed after the last round when no round was applied or the final metrics are not finite."""
+    Raises ConfigError (a folder holding a run or locked by another run, memory over
+    ``run.max_memory_gb``) before any work, AlreadyFinished (``run.resume=true`` on a finished run; nothing
+    is touched), and RunFailed after the last round when no round was applied or the final metrics are
+    not finite. A failure before the first round leaves the results folder as it was (see
+    :mod:`fedpers.results.run_folder`)."""
     from fedpers import safety
+    from fedpers.models.weights_file import check_weights_file
+    from fedpers.results import run_folder
     from fedpers.rounds import threads
 
-    threads.prime()  # the fast engine's first thread decision samples the load during preflight
-
-    safety.claim_output_dir(cfg, overwrite)
-    safety.check_memory(cfg)
+    # Every check that can refuse runs before anything is created, moved or removed.
+    run_folder.check(cfg, overwrite)
     if cfg.run.resume:  # a missing, foreign or unsafe checkpoint is refused before data and model load
         from fedpers.results.checkpoint import load_checkpoint
 
-        load_checkpoint(cfg)
-    preflight(cfg)
-    if cfg.run.engine in ("fast", "inprocess"):
-        from fedpers.rounds.engine import InProcessTransport
-        from fedpers.rounds.server import run_server
+        run_folder.check_finished(cfg, load_checkpoint(cfg)["round"])
+    safety.check_memory(cfg)
+    check_weights_file(cfg.model)
+    threads.prime()  # the fast engine's first thread decision samples the load during preflight
+    with run_folder.claim(cfg, overwrite):  # locked; a failure before round 1 puts the folder back
+        preflight(cfg)
+        if cfg.run.engine in ("fast", "inprocess"):
+            from fedpers.rounds.engine import InProcessTransport
+            from fedpers.rounds.server import run_server
 
-        transport = InProcessTransport(cfg)
-        try:
-            summary = run_server(cfg, transport)
-        finally:
-            transport.close()
-    else:
-        from fedpers.flower.simulation import run_flower_simulation
+            transport = InProcessTransport(cfg)
+            try:
+                summary = run_server(cfg, transport)
+            finally:
+                transport.close()
+        else:
+            from fedpers.flower.simulation import run_flower_simulation
 
-        summary = run_flower_simulation(cfg, verbose)
+            summary = run_flower_simulation(cfg, verbose)
     safety.check_outcome(summary)
     return summary
 
@@ -110,11 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     from fedpers.data import DataError
     from fedpers.models.prompted import BackboneError
     from fedpers.results.checkpoint import CheckpointError
+    from fedpers.results.run_folder import AlreadyFinished
     from fedpers.safety import RunFailed
 
     t0 = time.perf_counter()
     try:
         summary = run(cfg, verbose=args.verbose)
+    except AlreadyFinished as e:  # untouched; the result printed is the stored one
+        print(f"note: {e}", file=sys.stderr)
+        summary = e.summary
     except (ConfigError, DataError, BackboneError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

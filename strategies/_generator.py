@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from strategies._checks import require, require_choice
-from strategies.base import ClientUpdate, Strategy, StrategyConfig, weights_of
+from strategies.base import ClientUpdate, Strategy, StrategyConfig, numel, weights_of
 
 
 @dataclass
@@ -95,6 +95,14 @@ def make_optimizer(params, name: str, lr: float, momentum: float = 0.0, weight_d
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
+def optimizer_slots(name: str, momentum: float = 0.0) -> int:
+    """Tensors of a parameter's size the optimizer keeps per parameter: Adam's two moments (exp_avg,
+    exp_avg_sq), SGD's momentum buffer when momentum > 0 (torch keeps none without momentum)."""
+    if name == "adam":
+        return 2
+    return 1 if momentum > 0 else 0
+
+
 def step_rows(optimizer: torch.optim.Optimizer, descriptors: nn.Parameter, rows: list[int]) -> None:
     """``optimizer.step()`` that leaves every row of ``descriptors`` not in ``rows`` unchanged, together with
     the same rows of its optimizer state (momentum buffer, Adam moments). Other parameters step as usual."""
@@ -116,6 +124,17 @@ def step_rows(optimizer: torch.optim.Optimizer, descriptors: nn.Parameter, rows:
 class GeneratorStrategy(Strategy):
     sends = ("prompts",)
     generator: Generator
+
+    @classmethod
+    def generator_shapes(cls, config, *, num_clients: int, shapes) -> dict[str, tuple[int, ...]]:
+        """Every generator parameter by name, as ``generator.named_parameters()`` will have it."""
+        raise NotImplementedError
+
+    @classmethod
+    def server_state_numel(cls, config, *, num_clients, shapes):
+        """The generator's parameters and its optimizer's per-parameter state (:func:`optimizer_slots`)."""
+        params = numel(cls.generator_shapes(config, num_clients=num_clients, shapes=shapes).values())
+        return params * (1 + optimizer_slots(config.server_optimizer, config.server_momentum))
 
     def _init_optimizer(self) -> None:
         c = self.config

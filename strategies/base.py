@@ -82,6 +82,23 @@ class Strategy(ABC):
 
         return evaluate(ctx, tensors)
 
+    # -- sizes from shapes alone (no allocation): the memory check (fedpers.safety) asks for them before
+    # the strategy is built, so a huge generator or basis is refused instead of allocated.
+    @classmethod
+    def server_state_numel(cls, config: Any, *, num_clients: int, shapes: dict[str, tuple[int, ...]]) -> int:
+        """How many numbers the server's state (:meth:`state_dict`: every float tensor of at least one
+        dimension, optimizer moments included) holds once every client has taken part. Default: one copy
+        of each tensor it sends (the global model of the averaging strategies)."""
+        sends, _ = cls.tensor_roles(shapes)
+        return numel([shapes[k] for k in sends])
+
+    @classmethod
+    def broadcast_shapes(cls, config: Any, *, num_clients: int,
+                         shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """The ``broadcast`` tensors (name -> shape) an instance will send; strategies that broadcast
+        override it and set ``self.broadcast`` from it."""
+        return {}
+
     def __init__(self, config: Any, *, num_clients: int, shapes: dict[str, tuple[int, ...]], seed: int,
                  init_std: float = 0.5):
         self.config = config
@@ -175,6 +192,17 @@ def get_config_cls(name: str) -> type:
 
 def create_strategy(config: Any, **kwargs: Any) -> Strategy:
     return get_strategy_class(config.name)(config, **kwargs)
+
+
+def numel(shapes) -> int:
+    """Total number of elements of tensors of these shapes (Python ints: no overflow)."""
+    total = 0
+    for shape in shapes:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        total += n
+    return total
 
 
 def weights_of(updates: list[ClientUpdate], weighting: str) -> np.ndarray:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strategies.base import HEAD, ClientUpdate, register_strategy, weights_of
+from strategies.base import HEAD, ClientUpdate, numel, register_strategy, weights_of
 from strategies.lora_baselines import _LoraAvg
 from strategies.lora_common import LoraAvgConfig
 from strategies.lora_fold import a_of, add_folds, b_of, factor_names, fold_of, fold_shapes, modules, product
@@ -59,9 +59,19 @@ class FedExLora(_LoraAvg):
     def tensor_roles(cls, shapes):
         return factor_names(shapes), HEAD
 
+    @classmethod
+    def broadcast_shapes(cls, config, *, num_clients, shapes):
+        return fold_shapes(shapes)
+
+    @classmethod
+    def server_state_numel(cls, config, *, num_clients, shapes):
+        """The averaged A and B, and the folded residual (out x in per module)."""
+        folds = cls.broadcast_shapes(config, num_clients=num_clients, shapes=shapes)
+        return super().server_state_numel(config, num_clients=num_clients, shapes=shapes) + numel(folds.values())
+
     def __init__(self, config, *, num_clients, shapes, seed, init_std=0.5):
         super().__init__(config, num_clients=num_clients, shapes=shapes, seed=seed, init_std=init_std)
-        self.broadcast = fold_shapes(shapes)
+        self.broadcast = type(self).broadcast_shapes(config, num_clients=num_clients, shapes=shapes)
         self.fold = {k: np.zeros(s, dtype=np.float32) for k, s in self.broadcast.items()}
 
     def configure(self, server_round, partition_ids):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from strategies._checks import require
-from strategies.base import HEAD, ClientUpdate, Strategy, register_strategy, weights_of
+from strategies.base import HEAD, ClientUpdate, Strategy, numel, register_strategy, weights_of
 from strategies.lora_common import LoraAvgConfig, init_lora, require_lora
 from strategies.lora_fold import (
     a_of,
@@ -80,13 +80,22 @@ class FLora(Strategy):
     def tensor_roles(cls, shapes):
         return factor_names(shapes), HEAD
 
+    @classmethod
+    def broadcast_shapes(cls, config, *, num_clients, shapes):
+        return fold_shapes(shapes)
+
+    @classmethod
+    def server_state_numel(cls, config, *, num_clients, shapes):
+        """The folded merges only: each round's fresh factors are drawn again, not kept."""
+        return numel(cls.broadcast_shapes(config, num_clients=num_clients, shapes=shapes).values())
+
     def __init__(self, config, *, num_clients, shapes, seed, init_std=0.5):
         super().__init__(config, num_clients=num_clients, shapes=shapes, seed=seed, init_std=init_std)
         require_lora(shapes, self.name)
         r_max = shapes[a_of(modules(shapes)[0])][0]
         if config.ranks and max(config.ranks) > r_max:
             raise ValueError(f"strategy.ranks={list(config.ranks)}: every rank must be <= model.lora.r={r_max}")
-        self.broadcast = fold_shapes(shapes)
+        self.broadcast = type(self).broadcast_shapes(config, num_clients=num_clients, shapes=shapes)
         self.fold = {k: np.zeros(s, dtype=np.float32) for k, s in self.broadcast.items()}
 
     def rank_of(self, partition_id: int) -> int:

@@ -78,6 +78,16 @@ class PFedHN(GeneratorStrategy):
     summary = "MLP hypernetwork from a learnable client embedding to its prompts, chain-rule update (pFedHN)"
     config_cls = PFedHNConfig
 
+    @classmethod
+    def generator_shapes(cls, config, *, num_clients, shapes):
+        k, d = shapes["prompts"]
+        out, width = {"descriptors": (num_clients, config.embed_dim)}, config.embed_dim
+        for i in range(config.n_hidden + 1):  # Linear layers at even indices of the Sequential (ReLUs between)
+            fan_out = config.hidden_dim if i < config.n_hidden else k * d
+            out.update({f"mlp.{2 * i}.weight": (fan_out, width), f"mlp.{2 * i}.bias": (fan_out,)})
+            width = fan_out
+        return out
+
     def __init__(self, config, *, num_clients, shapes, seed, init_std=0.5):
         super().__init__(config, num_clients=num_clients, shapes=shapes, seed=seed, init_std=init_std)
         k, d = shapes["prompts"]

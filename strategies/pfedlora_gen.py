@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from strategies._checks import require, require_choice
-from strategies._generator import make_optimizer, step_rows
-from strategies.base import HEAD, ClientUpdate, Strategy, StrategyConfig, register_strategy, weights_of
+from strategies._generator import make_optimizer, optimizer_slots, step_rows
+from strategies.base import HEAD, ClientUpdate, Strategy, StrategyConfig, numel, register_strategy, weights_of
 from strategies.lora_common import lora_a, lora_b, require_lora
 
 
@@ -98,6 +98,22 @@ class PFedLoraGen(Strategy):
     @classmethod
     def tensor_roles(cls, shapes):
         return lora_a(shapes) + lora_b(shapes), HEAD
+
+    @classmethod
+    def generator_shapes(cls, config, *, num_clients, shapes):
+        """Every generator parameter by name, as ``generator.named_parameters()`` will have it."""
+        m, e = config.bank_size, config.descriptor_dim
+        a_names, b_names = lora_a(shapes), lora_b(shapes)
+        out = {"descriptors": (num_clients, e), "w_q.weight": (e, e), "keys": (len(a_names), m, e)}
+        out.update({f"bank_a.{i}": (m, *shapes[a]) for i, a in enumerate(a_names)})
+        out.update({f"bank_b.{i}": (m, *shapes[b]) for i, b in enumerate(b_names)})
+        return out
+
+    @classmethod
+    def server_state_numel(cls, config, *, num_clients, shapes):
+        """The generator's parameters and its optimizer's per-parameter state (no momentum here)."""
+        params = numel(cls.generator_shapes(config, num_clients=num_clients, shapes=shapes).values())
+        return params * (1 + optimizer_slots(config.server_optimizer))
 
     def __init__(self, config, *, num_clients, shapes, seed, init_std=0.5):
         super().__init__(config, num_clients=num_clients, shapes=shapes, seed=seed, init_std=init_std)

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from strategies._avg import Averaging, AveragingConfig
 from strategies._checks import require, require_choice
-from strategies.base import HEAD, ClientUpdate, register_strategy
+from strategies.base import HEAD, ClientUpdate, numel, register_strategy
 
 GATE = ("gate.q", "gate.k")
 GATE_SALT = 0x6A7E
@@ -117,10 +117,20 @@ class PFedMoAP(Averaging):
     sends = ("prompts",)
     personal = HEAD + GATE
 
+    @classmethod
+    def broadcast_shapes(cls, config, *, num_clients, shapes):
+        k = int(config.num_experts)
+        return {"experts": (k, *shapes["prompts"]), "expert_mask": (k,)}
+
+    @classmethod
+    def server_state_numel(cls, config, *, num_clients, shapes):
+        """The global prompt, and every training client's latest uploaded prompt (its expert)."""
+        own = super().server_state_numel(config, num_clients=num_clients, shapes=shapes)
+        return own + num_clients * numel([shapes["prompts"]])
+
     def __init__(self, config, *, num_clients, shapes, seed, init_std=0.5, backbone_state=None):
         super().__init__(config, num_clients=num_clients, shapes=shapes, seed=seed, init_std=init_std)
-        k = int(config.num_experts)
-        self.broadcast = {"experts": (k, *shapes["prompts"]), "expert_mask": (k,)}
+        self.broadcast = type(self).broadcast_shapes(config, num_clients=num_clients, shapes=shapes)
         self.latest: dict[int, np.ndarray] = {}  # each training client's last uploaded prompt
         # expert_selection=random: one shuffle of all partition ids, fixed for the run (official 296-297)
         self.order = [int(p) for p in np.random.default_rng([seed, 0x30A9]).permutation(num_clients)]

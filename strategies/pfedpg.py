@@ -69,6 +69,12 @@ class PFedPG(GeneratorStrategy):
     summary = "server-side attention generator of client-specific prompts, chain-rule update (pFedPG, ICCV'23)"
     config_cls = PFedPGConfig
 
+    @classmethod
+    def generator_shapes(cls, config, *, num_clients, shapes):
+        k, d = shapes["prompts"]
+        return {"basis": (config.basis_size or k, d), "descriptors": (num_clients, k, d),
+                **{f"{w}.weight": (d, d) for w in ("w_q", "w_k", "w_v", "w_o")}}
+
     def __init__(self, config, *, num_clients, shapes, seed, init_std=0.5):
         super().__init__(config, num_clients=num_clients, shapes=shapes, seed=seed, init_std=init_std)
         k, d = shapes["prompts"]

@@ -153,6 +153,7 @@ SLOW_TESTS = {
     "test_flower_simulation.py::test_faulty_clients_in_the_flower_engine": "Ray + 2 rounds",
     "test_flower_simulation.py::test_text_lora_through_the_flower_engine_matches_the_fast_engine": "Ray + 2 text runs",
     "test_flower_simulation.py::test_llm_through_the_flower_engine_matches_the_fast_engine": "Ray + 2 LLM runs",
+    "test_reliability_runs.py::test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder": "~2.3 CPU s",
 }
 # The strategy conformance suite runs every registered strategy in the full tier; the fast tier keeps the
 # reference algorithm and its main baseline (each case costs 5-11 CPU s, its determinism rerun 5 more).

@@ -191,15 +191,25 @@ def make_server_app(cfg: ExperimentConfig | None = None, result: dict | None = N
             c = cfg if cfg is not None else config_from_run_config(context.run_config)
             if cfg is None:
                 per_run_output_dir(c, context.run_id)
-            if cfg is None:  # deployment: the checks simulate.run makes before a simulation
-                safety.claim_output_dir(c)
+            if cfg is None:  # deployment: the checks and the folder claim simulate.run makes in a simulation
+                from fedpers.models.weights_file import check_weights_file
+                from fedpers.results import run_folder
+
+                run_folder.check(c)
+                if c.run.resume:  # a finished run stays as it is (AlreadyFinished says so)
+                    from fedpers.results.checkpoint import load_checkpoint
+
+                    run_folder.check_finished(c, load_checkpoint(c)["round"])
                 safety.check_memory(c)
-            transport = FlowerTransport(grid, c)
-            if cfg is None and transport.device_data_nodes == 0:
-                write_partitions_report(c)  # `flwr run` of a simulated federation: the folder simulate writes
-            summary = run_server(c, transport)
-            if cfg is None:
+                check_weights_file(c.model)
+                with run_folder.claim(c):
+                    transport = FlowerTransport(grid, c)
+                    if transport.device_data_nodes == 0:
+                        write_partitions_report(c)  # `flwr run` of a simulated federation: the folder simulate writes
+                    summary = run_server(c, transport)
                 safety.check_outcome(summary)
+            else:
+                summary = run_server(c, FlowerTransport(grid, c))
         except BaseException as e:
             if result is not None:
                 result["error"] = e

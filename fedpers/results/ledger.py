@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -184,9 +185,23 @@ class Ledger:
         self.cross_eval = result
 
     def finish(self, extra: dict | None = None) -> dict:
-        """Write summary.json (plus ``extra`` entries, e.g. the privacy report), rounds.csv and plots."""
+        """Write summary.json (plus ``extra`` entries, e.g. the privacy report), rounds.csv and plots.
+
+        The final accuracies are over the training clients with at least one accepted reply, each at its
+        last one: a client never sampled, or whose every reply failed, has no personal model to score.
+        ``final.num_clients_evaluated`` says how many clients the means cover and
+        ``final.clients_never_evaluated`` lists the others, so a mean over fewer clients is never silent."""
+        from fedpers.experiment import split_clients
+
         final = _stats(self.last_acc)
         final["accuracy_weighted"] = weighted_accuracy(self.last_acc, self.last_num_test)
+        never = sorted(set(split_clients(self.cfg.run)[0]) - set(self.last_acc))
+        final["num_clients_evaluated"] = len(self.last_acc)
+        final["clients_never_evaluated"] = never
+        if never:
+            logging.getLogger("fedpers").warning(
+                "final accuracies cover %d training clients; %d never had an accepted reply and are not in "
+                "them: %s", len(self.last_acc), len(never), never)
         unseen_acc = self.unseen["per_client"] if self.unseen else {}
         u = _stats(unseen_acc)
         # None (JSON null) when no client was held out, so "not measured" is never mistaken for a value.

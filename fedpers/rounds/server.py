@@ -82,7 +82,7 @@ def run_server(cfg: ExperimentConfig, transport: Transport, strategy: Strategy |
     the strategy, ledger, RNG and (if the transport exports them) client states restored.
     """
     from fedpers import dp
-    from fedpers.results import checkpoint
+    from fedpers.results import checkpoint, run_folder
 
     strategy = strategy or build_strategy(cfg)
     r = cfg.run
@@ -126,6 +126,7 @@ def run_server(cfg: ExperimentConfig, transport: Transport, strategy: Strategy |
         )
         if r.checkpoint_every and (server_round % r.checkpoint_every == 0 or server_round == r.rounds):
             checkpoint.save_checkpoint(cfg, server_round, strategy, ledger, transport)
+        run_folder.first_round_done(r.output_dir)  # a replaced run's old folder goes now, not before
         _report(bar, row, server_round, r.rounds, ok, sampled, failed)
     if unseen_ids:
         ledger.record_unseen(personalize_unseen(cfg, strategy, transport, unseen_ids, max_bytes))
