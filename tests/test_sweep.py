@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fedpers.sweep import cli as sweep
 from fedpers.config import ConfigError
+from fedpers.sweep import cli as sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments/configs/benchmark_smoke.yaml"
@@ -88,3 +88,16 @@ def test_bad_grid_names_the_field(tmp_path):
 def test_nest_merges_dotted_and_nested_keys():
     assert sweep.nest({"run.rounds": 2, "run": {"seed": 1}, "data": {"partitioner.alpha": 0.5}}) == {
         "run": {"rounds": 2, "seed": 1}, "data": {"partitioner": {"alpha": 0.5}}}
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"strategies: [fedavg\n", "YAML syntax error at"), (b"\xf3\x81\x00\xff binary", "is not a text file"),
+    (b"42\n", "not a int"), (b"- fedavg\n", "not a list")])
+def test_malformed_binary_or_scalar_grid_exits_2_naming_the_file(tmp_path, capsys, content, says):
+    grid = tmp_path / "g.yaml"
+    grid.write_bytes(content)
+    with pytest.raises(ConfigError, match="grid"):
+        sweep.load_grid(grid)
+    assert sweep.main([str(grid), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and str(grid) in err and "Traceback" not in err

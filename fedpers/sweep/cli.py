@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from fedpers.config import ConfigError
+from fedpers.config import ConfigError, load_yaml_mapping
 from fedpers.experiment import from_layers
 from fedpers.sweep.cells import Cell, is_done, row_of
 from fedpers.sweep.local import run_grid  # the executors live there; run_grid stays importable from here
@@ -129,19 +130,29 @@ def parse_axis(raw) -> dict | None:
     return {"field": field, "label": label, "points": points}
 
 
+def read_grid(path: str | Path) -> dict:
+    """A grid file as a dict, read as ``--config`` files are (:func:`fedpers.config.load_yaml_mapping`): a
+    missing, binary, malformed or non-mapping file is a ConfigError naming it, never a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("grid", f"file not found: {path}")
+    loaded = load_yaml_mapping(path, "grid", f"grid keys ({', '.join(GRID_KEYS)})")
+    try:
+        return OmegaConf.to_container(loaded, resolve=True)
+    except OmegaConfBaseException as e:  # a ${...} interpolation that does not resolve
+        raise ConfigError("grid", f"{path}: {str(e).splitlines()[0]}") from None
+
+
 def grid_reference(path: str | Path) -> str | list[str]:
     """The strategy label table.md's paired differences are taken to (the grid's ``reference``, default
     pfedpg); :func:`load_grid` has checked that the grid has it."""
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("reference", REFERENCE)
+    return read_grid(path).get("reference", REFERENCE)
 
 
 def load_grid(path: str | Path, extra_base: list[str] | None = None, only: dict[str, list[str]] | None = None,
               output_dir: str | None = None) -> tuple[Path, list[Cell]]:
     """Grid file -> (output dir, validated cells). Every cell's config is validated before any runs."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("grid", f"file not found: {path}")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    raw = read_grid(path)
     unknown = set(raw) - set(GRID_KEYS)
     if unknown:
         raise ConfigError(f"grid.{min(unknown)}", f"unknown key; allowed: {', '.join(GRID_KEYS)}")
@@ -277,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedpers.sweep.stats import plot as plot_ci
 
     plot_ci(rows, out_dir / "plots", reference)
-    axis = parse_axis(OmegaConf.to_container(OmegaConf.load(args.grid), resolve=True).get("axis"))
+    axis = parse_axis(read_grid(args.grid).get("axis"))
     if axis is not None:  # regime map: paired differences along the axis, appended to table.md
         from fedpers.sweep.regimes import crossovers, plot_regimes
 
