@@ -41,7 +41,8 @@ def claim_output_dir(cfg: ExperimentConfig, overwrite: bool = False) -> None:
     ``run.resume=true`` continues it, ``run.overwrite=true`` (or ``overwrite``, for callers such as the
     sweep that own their folders) replaces it, and then the old checkpoint and summary are removed so
     they can never be mistaken for this run's."""
-    out = Path(cfg.run.output_dir)
+    # Resolved before any check: ``RUN/x/..`` (no ``x`` yet) or a symlink is the folder it names.
+    out = Path(cfg.run.output_dir).resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError("run.output_dir", f"{out} exists and is not a folder")
     try:
