@@ -121,6 +121,8 @@ SLOW_TESTS = {
     "test_llm_run.py::test_bad_llm_configs_exit_2_naming_the_field_before_any_run": "~7 CPU s per case (a subprocess)",
     "test_llm_run.py::test_a_backbone_that_is_not_a_causal_lm_is_refused": "~7 CPU s (a subprocess)",
     "test_llm_run.py::test_cross_evaluation_scores_each_speakers_adapter_on_every_speaker": "~8 CPU s",
+    "test_robust_aggregation.py::test_one_in_bound_attacker_moves_the_plain_mean_by_its_norm_over_n":
+        "~3 CPU s (the first strategy build loads the backbone; the robust cases after it ~0.5 CPU s each)",
 }
 # The strategy conformance suite runs every registered strategy in the full tier; the fast tier keeps the
 # reference algorithm and its main baseline (each case costs 5-11 CPU s, its determinism rerun 5 more).
