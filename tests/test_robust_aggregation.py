@@ -164,9 +164,9 @@ def largest_honest_norm(numel: int) -> float:
 def test_one_in_bound_attacker_moves_the_plain_mean_by_its_norm_over_n(attacked):
     honest = attacked("plain_h", False)
     shift = np.linalg.norm(attacked("plain", True) - honest)
-    # Client 4's delta goes from 0.05 per coordinate to POISON_NORM along the same direction: the mean
-    # moves by the difference / N every round.
-    assert shift == pytest.approx(ROUNDS * (POISON_NORM - largest_honest_norm(honest.size)) / N, rel=1e-4)
+    # Client 4's delta goes from 0.05 per coordinate to one of norm POISON_NORM (a fixed direction, nearly
+    # orthogonal to the honest one): the mean moves by about POISON_NORM / N every round, the same way.
+    assert shift == pytest.approx(ROUNDS * POISON_NORM / N, rel=1e-3)
     assert shift > 100 * 2 * ROUNDS * largest_honest_norm(honest.size)  # far outside the robust bound below
 
 

@@ -37,16 +37,19 @@ MALFORMED: dict[str, Callable[[Reply], Reply]] = {
     "wrong_partition": lambda r: dataclasses.replace(r, partition_id=r.partition_id + 10_000),
 }
 # A reply that passes every check yet is hostile: ``poison`` replaces the client's delta by one of L2 norm
-# POISON_NORM (just under the default run.max_delta_norm of 1e4) along the all-ones direction, the same
-# every round, so a plain mean moves by POISON_NORM / n per round (the drill behind
-# ``strategy.robust_aggregation`` and ``strategy.norm_bound_relative``).
+# POISON_NORM (just under the default run.max_delta_norm of 1e4) along one fixed random direction, the same
+# every round, so a plain mean moves by about POISON_NORM / n per round (the drill behind
+# ``strategy.robust_aggregation`` and ``strategy.norm_bound_relative``). Random, not all-ones: a constant
+# shift of every prompt coordinate is undone by the backbone's LayerNorm, and of every head row by argmax.
 POISON_NORM = 9.9e3
 
 
 def _poison(r: Reply) -> Reply:
-    size = sum(np.asarray(v).size for v in r.arrays.values())
-    value = np.float32(POISON_NORM / np.sqrt(max(size, 1)))
-    return _map_arrays(r, lambda a: np.full(a.shape, value, np.float32))
+    rng = np.random.default_rng(0xBAD)
+    direction = {k: rng.standard_normal(np.shape(v)) for k, v in sorted(r.arrays.items())}
+    norm = np.sqrt(sum(float(np.sum(d**2)) for d in direction.values()))
+    scale = POISON_NORM / norm if norm > 0 else 0.0
+    return dataclasses.replace(r, arrays={k: (d * scale).astype(np.float32) for k, d in direction.items()})
 
 
 HOSTILE: dict[str, Callable[[Reply], Reply]] = {"poison": _poison}

@@ -47,7 +47,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedpers.config import ConfigError, load_yaml_mapping
 from fedpers.experiment import from_layers
-from fedpers.sweep.cells import Cell, changed_fields, finished, is_done, report_row, runs_rows
+from fedpers.sweep.cells import (
+    Cell,
+    changed_fields,
+    finished,
+    is_done,
+    report_row,
+    row_of,  # noqa: F401  (importable from here, as before)
+    runs_rows,
+)
 from fedpers.sweep.local import run_grid  # the executors live there; run_grid stays importable from here
 from fedpers.sweep.report import COLUMNS, plot, write_csv, write_table  # noqa: F401  (the report lives there)
 from fedpers.sweep.stats import REFERENCE
