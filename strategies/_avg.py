@@ -34,10 +34,16 @@ class AveragingConfig(StrategyConfig):
         require_choice(self.weighting, "weighting", ("num_examples", "uniform"))
         require_choice(self.robust_aggregation, "robust_aggregation", ROBUST_AGGREGATIONS)
         require(0 <= self.trim_fraction < 0.5, "trim_fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
-        require(self.trim_fraction == 0.2 or self.robust_aggregation == "trimmed_mean", "trim_fraction",
-                f"only applies with strategy.robust_aggregation=trimmed_mean (got {self.robust_aggregation!r})")
-        require(self.norm_bound_relative >= 0, "norm_bound_relative",
-                f"must be >= 0 (0 = off), got {self.norm_bound_relative}")
+        require(
+            self.trim_fraction == 0.2 or self.robust_aggregation == "trimmed_mean",
+            "trim_fraction",
+            f"only applies with strategy.robust_aggregation=trimmed_mean (got {self.robust_aggregation!r})",
+        )
+        require(
+            self.norm_bound_relative >= 0,
+            "norm_bound_relative",
+            f"must be >= 0 (0 = off), got {self.norm_bound_relative}",
+        )
 
 
 class Averaging(Strategy):
@@ -66,8 +72,9 @@ class Averaging(Strategy):
     def aggregate(self, server_round, updates: list[ClientUpdate]):
         c = self.config
         w = weights_of(updates, c.weighting)
-        agg, metrics = robust_combine([u.deltas for u in updates], w, self.sends, c.robust_aggregation,
-                                      c.trim_fraction, c.norm_bound_relative)
+        agg, metrics = robust_combine(
+            [u.deltas for u in updates], w, self.sends, c.robust_aggregation, c.trim_fraction, c.norm_bound_relative
+        )
         sq = 0.0
         for k in self.sends:
             self.global_tensors[k] = (self.global_tensors[k] + c.server_lr * agg[k]).astype(np.float32)
