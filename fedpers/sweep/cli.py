@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rerun-changed", action="store_true",
                     help="replace finished cells whose resolved config differs (refused without it)")
     ap.add_argument("--report-only", action="store_true",
-                    help="write runs.csv, table.md and plots from the finished cells; run nothing (the rest are listed as missing)")
+                    help="write runs.csv, table.md and plots from the finished cells; run nothing (the rest are listed as "
+                         "missing, cells finished with another config as other_config)")
     ap.add_argument("--jobs", type=int, help="cells run at once in local worker processes, each with cores/N torch "
                     "threads (default: one per core; 1 = in this process)")
     ap.add_argument("--ray-address", help="run the cells as tasks on an existing Ray cluster: its address "
