@@ -153,14 +153,16 @@ def _clean(e: Exception) -> str:
     return str(e).split("\n")[0]
 
 
-def load_yaml_mapping(path: str | Path, field_name: str) -> DictConfig:
-    """A YAML file whose top level is a mapping; syntax and shape errors name the file and line."""
+def load_yaml_mapping(path: str | Path, field_name: str,
+                      keys: str = "config sections (run:, data:, ...)") -> DictConfig:
+    """A YAML file whose top level is a mapping; syntax and shape errors name the file and line.
+    ``keys``: what the mapping holds, for the message (a sweep grid passes its own keys)."""
     try:
         text = Path(path).read_text()
         shape = yaml.safe_load(text)  # omegaconf asserts (a bare AssertionError) on a scalar document
         if shape is not None and not isinstance(shape, dict):
-            raise ConfigError(field_name, f"{path}: the top level must be a mapping of config sections "
-                                          f"(run:, data:, ...), not a {type(shape).__name__}")
+            raise ConfigError(field_name, f"{path}: the top level must be a mapping of {keys}, "
+                                          f"not a {type(shape).__name__}")
         loaded = OmegaConf.create(text) if shape is not None else OmegaConf.create({})
     except UnicodeDecodeError as e:
         raise ConfigError(field_name, f"{path} is not a text file: {e}") from None
@@ -174,8 +176,8 @@ def load_yaml_mapping(path: str | Path, field_name: str) -> DictConfig:
     except OmegaConfBaseException as e:
         raise ConfigError(field_name, f"{path}: {_clean(e)}") from None
     if not isinstance(loaded, DictConfig):
-        raise ConfigError(field_name, f"{path}: the top level must be a mapping of config sections "
-                                      f"(run:, data:, ...), not a {type(loaded).__name__.removesuffix('Config').lower()}")
+        raise ConfigError(field_name, f"{path}: the top level must be a mapping of {keys}, "
+                                      f"not a {type(loaded).__name__.removesuffix('Config').lower()}")
     _check_sections(loaded, f"{path}: ")
     return loaded
 

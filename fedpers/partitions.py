@@ -27,7 +27,10 @@ RUN_FILES = ("summary.json", "metrics.jsonl", "checkpoint.pt", "config.yaml")
 
 
 def run_folder_of(out: Path) -> Path | None:
-    """The simulation results folder ``out`` is, or is the partitions/ folder of; None if neither."""
+    """The simulation results folder ``out`` is, or is the partitions/ folder of; None if neither.
+    ``out`` is resolved first: ``RUN/partitions/x/..`` (with no ``x`` yet) or a symlink to
+    ``RUN/partitions`` is that folder, whatever its spelling."""
+    out = Path(out).resolve()
     for d in (out, out.parent):
         if any((d / f).exists() for f in RUN_FILES):
             return d
@@ -53,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    out = Path(args.out)
+    owner = run_folder_of(out)  # before any work: building the data may take a while
+    if owner is not None:
+        print(f"error: --out {out}: {owner} holds a simulation run (its {', '.join(f for f in RUN_FILES if (owner / f).exists())});"
+              " choose a folder of its own", file=sys.stderr)
+        return 2
     from fedpers.data import DataError, build_federated
     from fedpers.data.stats import describe_setting, write_report
 
@@ -60,12 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    owner = run_folder_of(out)
-    if owner is not None:
-        print(f"error: --out {out}: {owner} holds a simulation run (its {', '.join(f for f in RUN_FILES if (owner / f).exists())});"
-              " choose a folder of its own", file=sys.stderr)
         return 2
     rep = write_report(fed, out, describe_setting(cfg.data, cfg.run.seed), plots=not args.no_plots)
     het = {k: (round(v, 4) if isinstance(v, float) else v)

@@ -3,6 +3,8 @@ tensor in ``sends`` and adds the weighted mean of the clients' deltas to it.
 
 With ``server_lr = 1`` and ``weighting = num_examples`` this is exactly FedAvg (McMahan et al., 2017):
 the new global tensor is the example-weighted mean of the clients' trained tensors.
+``robust_aggregation`` / ``norm_bound_relative`` replace the mean by a coordinate-wise median or trimmed
+mean and clip each delta to a multiple of the round's median delta norm (:mod:`strategies._robust`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 
 from strategies._checks import require, require_choice
+from strategies._robust import ROBUST_AGGREGATIONS, robust_combine
 from strategies.base import ClientUpdate, Strategy, StrategyConfig, weights_of
 
 PERSONAL = "personal."  # prefix of a client's private copy of a tensor it also sends (Ditto, APFL)
@@ -22,10 +25,25 @@ PERSONAL = "personal."  # prefix of a client's private copy of a tensor it also 
 class AveragingConfig(StrategyConfig):
     server_lr: float = 1.0  # global tensors += server_lr * weighted mean of client deltas (1 = FedAvg)
     weighting: str = "num_examples"  # num_examples | uniform
+    robust_aggregation: str = "none"  # none (weighted mean) | median | trimmed_mean: coordinate-wise over the round's client deltas, unweighted (Flower's FedMedian / FedTrimmedAvg)
+    trim_fraction: float = 0.2  # robust_aggregation=trimmed_mean: per coordinate, floor(trim_fraction * n) of the n deltas cut from each end (Flower's beta), in [0, 0.5)
+    norm_bound_relative: float = 0.0  # > 0: scale each client delta down to at most this many times the round's median delta norm before aggregating (0 = off)
 
     def validate(self) -> None:
         require(self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}")
         require_choice(self.weighting, "weighting", ("num_examples", "uniform"))
+        require_choice(self.robust_aggregation, "robust_aggregation", ROBUST_AGGREGATIONS)
+        require(0 <= self.trim_fraction < 0.5, "trim_fraction", f"must be in [0, 0.5), got {self.trim_fraction}")
+        require(
+            self.trim_fraction == 0.2 or self.robust_aggregation == "trimmed_mean",
+            "trim_fraction",
+            f"only applies with strategy.robust_aggregation=trimmed_mean (got {self.robust_aggregation!r})",
+        )
+        require(
+            self.norm_bound_relative >= 0,
+            "norm_bound_relative",
+            f"must be >= 0 (0 = off), got {self.norm_bound_relative}",
+        )
 
 
 class Averaging(Strategy):
@@ -52,13 +70,16 @@ class Averaging(Strategy):
         return {pid: {k: v.copy() for k, v in self.global_tensors.items()} for pid in partition_ids}
 
     def aggregate(self, server_round, updates: list[ClientUpdate]):
-        w = weights_of(updates, self.config.weighting)
+        c = self.config
+        w = weights_of(updates, c.weighting)
+        agg, metrics = robust_combine(
+            [u.deltas for u in updates], w, self.sends, c.robust_aggregation, c.trim_fraction, c.norm_bound_relative
+        )
         sq = 0.0
         for k in self.sends:
-            mean_delta = sum(wi * u.deltas[k].astype(np.float64) for wi, u in zip(w, updates))
-            self.global_tensors[k] = (self.global_tensors[k] + self.config.server_lr * mean_delta).astype(np.float32)
-            sq += float(np.sum(mean_delta**2))
-        return {"delta_norm": sq**0.5}
+            self.global_tensors[k] = (self.global_tensors[k] + c.server_lr * agg[k]).astype(np.float32)
+            sq += float(np.sum(agg[k] ** 2))
+        return {"delta_norm": sq**0.5, **metrics}
 
     def state_dict(self):
         return {"global": {k: v.copy() for k, v in self.global_tensors.items()}}

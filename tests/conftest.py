@@ -120,6 +120,8 @@ SLOW_TESTS = {
     "test_shift.py::test_label_permutation_is_invisible_to_private_zero_init_heads": "~12 CPU s",
     "test_sweep.py::test_smoke_grid_writes_results_and_resumes": "~7 CPU s",
     "test_sweep.py::test_benchmark_grid_is_valid": "~4.2 CPU s",
+    "test_sweep.py::test_a_changed_finished_cell_is_refused_and_runs_csv_keeps_every_finished_cell": "~4.5 CPU s",
+    "test_strategy_semantics.py::test_fedper_is_fedvpt_on_a_prompted_backbone": "~4.6 CPU s",
     "test_strategy_semantics.py::test_fedavg_full_trains_the_backbone_and_refuses_large_ones": "~3.4 CPU s",
     "test_llm_sweep.py::test_llm_grid_reports_perplexity_with_cis_and_both_references": "~17 CPU s (3 LLM cells)",
     # test_llm_run.py: the fast tier keeps the HF-equivalence check (one zero-shot run, ~6 CPU s)
@@ -154,6 +156,8 @@ SLOW_TESTS = {
     "test_flower_simulation.py::test_text_lora_through_the_flower_engine_matches_the_fast_engine": "Ray + 2 text runs",
     "test_flower_simulation.py::test_llm_through_the_flower_engine_matches_the_fast_engine": "Ray + 2 LLM runs",
     "test_reliability_runs.py::test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder": "~2.3 CPU s",
+    "test_robust_aggregation.py::test_one_in_bound_attacker_moves_the_plain_mean_by_its_norm_over_n":
+        "~3 CPU s (the first strategy build loads the backbone; the robust cases after it ~0.5 CPU s each)",
 }
 # The strategy conformance suite runs every registered strategy in the full tier; the fast tier keeps the
 # reference algorithm and its main baseline (each case costs 5-11 CPU s, its determinism rerun 5 more).

@@ -269,6 +269,26 @@ def test_partitions_cli_never_writes_into_a_run_folder_and_leaves_no_stale_files
     assert (own / "partitions.json").is_file() and not list(own.glob("*.png"))
 
 
+def test_partitions_cli_resolves_dotdot_and_symlinks_before_its_guard(tmp_path, capsys):
+    from fedpers import partitions
+
+    run = tmp_path / "run"
+    (run / "partitions").mkdir(parents=True)
+    (run / "config.yaml").write_text("run: {}\n")
+    record = {"partitions.json": "the run's record", "label_heatmap.png": "the run's plot"}
+    for name, text in record.items():
+        (run / "partitions" / name).write_text(text)
+    link = tmp_path / "link"
+    link.symlink_to(run / "partitions")
+    # Both spell the run's own partitions folder: "x" does not exist yet, the link points there.
+    for target in (run / "partitions" / "x" / "..", link, tmp_path / "link2" / ".." / "run"):
+        assert partitions.main(["--out", str(target), "--no-plots", "run.num_clients=4",
+                                "run.clients_per_round=4"]) == 2, target
+        assert "holds a simulation run" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in (run / "partitions").iterdir()} == record
+    assert not (run / "partitions" / "x").exists() and not (tmp_path / "link2").exists()
+
+
 def test_partitions_cli_reports_bad_config(capsys):
     from fedpers import partitions
 

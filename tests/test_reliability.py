@@ -101,6 +101,20 @@ def test_existing_results_folder_is_refused_kept_and_replaced_only_on_request(tm
     assert checkpoint.read_checkpoint(out / checkpoint.FILENAME)["round"] == 1
 
 
+def test_results_folder_is_resolved_before_it_is_claimed(tmp_path):
+    from fedpers.config import ConfigError
+    from fedpers.results.run_folder import check
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    (tmp_path / "link").symlink_to(out)
+    for spelled in (out / "x" / "..", tmp_path / "link"):
+        with pytest.raises(ConfigError, match=f"{out} already holds a run"):
+            check(load_config(None, tiny_overrides(spelled)))
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"]  # no stray "x", nothing written
+
+
 def test_resume_of_a_moved_results_folder(tmp_path):
     first = tmp_path / "first"
     assert simulate.main(tiny_overrides(first, **{"run.rounds": 1})) == 0

@@ -54,9 +54,10 @@ def test_smoke_grid_writes_results_and_resumes(tmp_path, monkeypatch, capsys):
     assert [(r["strategy"], r["seed"], r["status"]) for r in report] == [
         ("fedvpt", "0", "ok"), ("fedvpt", "7", "missing"), ("pfedpg_fast", "0", "ok"), ("pfedpg_fast", "7", "missing")]
     assert "Failed or missing cells" in (out / "table.md").read_text()
-    # A changed config re-runs its cells (and a failing cell is recorded, not fatal).
-    assert sweep.main([str(SMOKE), "--output-dir", str(out), "--no-progress", "--strategies", "fedvpt",
-                       "client.lr=0.01"]) == 1
+    # A changed config is refused; with --rerun-changed it re-runs its cells (a failing cell is recorded, not fatal).
+    changed = [str(SMOKE), "--output-dir", str(out), "--no-progress", "--strategies", "fedvpt", "client.lr=0.01"]
+    assert sweep.main(changed) == 2
+    assert sweep.main([*changed, "--rerun-changed"]) == 1
     rows = list(csv.DictReader((out / "runs.csv").open()))
     assert rows[0]["status"] == "failed" and "re-run" in rows[0]["error"]
 
@@ -92,3 +93,82 @@ def test_bad_grid_names_the_field(tmp_path):
 def test_nest_merges_dotted_and_nested_keys():
     assert sweep.nest({"run.rounds": 2, "run": {"seed": 1}, "data": {"partitioner.alpha": 0.5}}) == {
         "run": {"rounds": 2, "seed": 1}, "data": {"partitioner": {"alpha": 0.5}}}
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"strategies: [fedavg\n", "YAML syntax error at"), (b"\xf3\x81\x00\xff binary", "is not a text file"),
+    (b"42\n", "not a int"), (b"- fedavg\n", "not a list")])
+def test_malformed_binary_or_scalar_grid_exits_2_naming_the_file(tmp_path, capsys, content, says):
+    grid = tmp_path / "g.yaml"
+    grid.write_bytes(content)
+    with pytest.raises(ConfigError, match="grid"):
+        sweep.load_grid(grid)
+    assert sweep.main([str(grid), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and str(grid) in err and "Traceback" not in err
+
+
+def fake_cells(monkeypatch):
+    """simulate.run replaced by a writer of config.yaml and a summary (its rounds = run.rounds), plots
+    skipped: these tests are about which cells run and which rows runs.csv keeps."""
+    import json
+
+    from fedpers import simulate
+    from fedpers.config import to_yaml
+    from fedpers.sweep import stats
+
+    ran = []
+
+    def run(cfg, overwrite=False, **_):
+        out = Path(cfg.run.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        one = {"down_per_client_round": 1, "up_per_client_round": 1}
+        (out / "summary.json").write_text(json.dumps({
+            "final": {"accuracy_mean": 0.1 * cfg.run.rounds, "accuracy_worst10": 0.0, "per_client": {"0": 0.5}},
+            "params": one, "bytes": one, "rounds": cfg.run.rounds, "wall_time_s": 1.0}))
+        ran.append(out.relative_to(out.parents[2]).as_posix())
+
+    monkeypatch.setattr(simulate, "run", run)
+    monkeypatch.setattr(sweep, "plot", lambda *a, **k: None)
+    monkeypatch.setattr(stats, "plot", lambda *a, **k: None)
+    return ran
+
+
+def runs(out):
+    return {(r["strategy"], r["seed"]): (r["status"], r["rounds"]) for r in csv.DictReader((out / "runs.csv").open())}
+
+
+def test_a_changed_finished_cell_is_refused_and_runs_csv_keeps_every_finished_cell(tmp_path, monkeypatch, capsys):
+    ran = fake_cells(monkeypatch)
+    out = tmp_path / "grid"
+    grid = [str(SMOKE), "--output-dir", str(out), "--no-progress", "--jobs", "1", "run.rounds=2"]
+    assert sweep.main([*grid, "--seeds", "0,1"]) == 0
+    full = runs(out)
+    assert full == {(s, k): ("ok", "2") for s in ("fedvpt", "pfedpg_fast") for k in "01"}
+    # One cell again with another run.rounds: refused before anything runs, naming the cell and the field.
+    ran.clear()
+    capsys.readouterr()
+    again = [str(SMOKE), "--output-dir", str(out), "--no-progress", "--jobs", "1", "--strategies", "fedvpt",
+             "--seeds", "0", "run.rounds=1"]
+    assert sweep.main(again) == 2
+    err = capsys.readouterr().err
+    assert "dir1.0/fedvpt/seed0: run.rounds: 2 -> 1" in err and "--output-dir" in err and "--rerun-changed" in err
+    assert ran == [] and runs(out) == full
+    # A subset with the same config runs nothing new and runs.csv still lists the whole grid.
+    assert sweep.main([*grid, "--strategies", "fedvpt", "--seeds", "1"]) == 0
+    assert ran == [] and runs(out) == full
+    # Asked to replace it: only that cell runs; the others stay listed, with the config they ran.
+    assert sweep.main([*again, "--rerun-changed"]) == 0
+    assert ran == ["dir1.0/fedvpt/seed0"]
+    # The 2-round cells are "other_config" for this invocation's config: listed, figures kept, not averaged.
+    assert runs(out) == {**{k: ("other_config", "2") for k in full}, ("fedvpt", "0"): ("ok", "1")}
+    rows = list(csv.DictReader((out / "runs.csv").open()))
+    assert [r["strategy"] for r in rows] == ["fedvpt", "fedvpt", "pfedpg_fast", "pfedpg_fast"]
+    assert all("run.rounds: 2 -> 1" in r["error"] and r["accuracy_mean"] for r in rows[1:])
+    assert "| fedvpt | 1 |" in (out / "table.md").read_text()  # one seed averaged: the one of this config
+    # --report-only with the grid's 2 rounds: fedvpt/seed0 (now 1 round) is the cell of another config.
+    assert sweep.main([*grid, "--report-only", "--seeds", "0,1"]) == 1
+    report = {(r["strategy"], r["seed"]): r for r in csv.DictReader((out / "runs.csv").open())}
+    assert report["fedvpt", "0"]["status"] == "other_config" and "run.rounds: 1 -> 2" in report["fedvpt", "0"]["error"]
+    assert report["fedvpt", "0"]["accuracy_mean"] and report["fedvpt", "1"]["status"] == "ok"

@@ -22,7 +22,7 @@ from fedpers.config import ConfigError, ExperimentConfig, RunConfig, to_yaml
 from fedpers.experiment import from_layers, from_yaml
 from fedpers.flower import node_state
 from fedpers.payload import Failure, Reply
-from fedpers.rounds.faults import ENV_VAR, MALFORMED, InjectedFault, corrupt, env_fault
+from fedpers.rounds.faults import ENV_VAR, HOSTILE, MALFORMED, InjectedFault, corrupt, env_fault
 
 log = logging.getLogger("fedpers")
 
@@ -301,7 +301,7 @@ def train(msg: Message, context: Context) -> Message:
         time.sleep(float(os.environ.get("FEDPERS_FAULT_HANG_S", "600")))
     reply, new_state = client_round(cfg, pid, server_round, _from_record(msg.content["arrays"]), state,
                                     data=_device_data(context, cfg, pid))
-    if fault in MALFORMED:
+    if fault in MALFORMED or fault in HOSTILE:
         reply = corrupt(reply, fault)
     context.state[STATE_KEY] = _to_record(new_state)
     if store is not None:

@@ -56,8 +56,9 @@ def holds_run(out: Path) -> list[str]:
 
 
 def check(cfg: ExperimentConfig, overwrite: bool = False) -> None:
-    """Refuse, without touching anything, a run whose results folder it may not write into."""
-    out = Path(cfg.run.output_dir)
+    """Refuse, without touching anything, a run whose results folder it may not write into. The folder is
+    resolved first: ``RUN/x/..`` or a symlink to ``RUN`` is RUN, and is guarded as RUN."""
+    out = Path(cfg.run.output_dir).resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError("run.output_dir", f"{out} exists and is not a folder")
     existing = out
@@ -220,13 +221,13 @@ _ACTIVE: dict[str, Claim] = {}
 
 
 def _key(out) -> str:
-    return os.path.abspath(os.fspath(out))
+    return os.fspath(Path(out).resolve())
 
 
 @contextmanager
 def claim(cfg: ExperimentConfig, overwrite: bool = False) -> Iterator[Claim]:
     """Hold ``run.output_dir`` for the run inside the ``with`` block (see the module docstring)."""
-    c = Claim(Path(cfg.run.output_dir))
+    c = Claim(Path(cfg.run.output_dir).resolve())
     c.acquire(cfg, overwrite)
     key = _key(c.out)
     _ACTIVE[key] = c

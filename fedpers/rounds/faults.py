@@ -1,4 +1,5 @@
-"""Fault injection, for tests and fault drills: clients that raise, hang, stay silent or send garbage.
+"""Fault injection, for tests and fault drills: clients that raise, hang, stay silent, send garbage, or
+send a valid but hostile delta (``poison``).
 
 Two entry points share one vocabulary of faults (:data:`FAULT_KINDS`):
 
@@ -35,8 +36,25 @@ MALFORMED: dict[str, Callable[[Reply], Reply]] = {
     "oversize": lambda r: _map_arrays(r, lambda a: np.broadcast_to(np.zeros((), np.float32), (17 * 2**20,))),
     "wrong_partition": lambda r: dataclasses.replace(r, partition_id=r.partition_id + 10_000),
 }
+# A reply that passes every check yet is hostile: ``poison`` replaces the client's delta by one of L2 norm
+# POISON_NORM (just under the default run.max_delta_norm of 1e4) along one fixed random direction, the same
+# every round, so a plain mean moves by about POISON_NORM / n per round (the drill behind
+# ``strategy.robust_aggregation`` and ``strategy.norm_bound_relative``). Random, not all-ones: a constant
+# shift of every prompt coordinate is undone by the backbone's LayerNorm, and of every head row by argmax.
+POISON_NORM = 9.9e3
+
+
+def _poison(r: Reply) -> Reply:
+    rng = np.random.default_rng(0xBAD)
+    direction = {k: rng.standard_normal(np.shape(v)) for k, v in sorted(r.arrays.items())}
+    norm = np.sqrt(sum(float(np.sum(d**2)) for d in direction.values()))
+    scale = POISON_NORM / norm if norm > 0 else 0.0
+    return dataclasses.replace(r, arrays={k: (d * scale).astype(np.float32) for k, d in direction.items()})
+
+
+HOSTILE: dict[str, Callable[[Reply], Reply]] = {"poison": _poison}
 # raise: the client throws; hang: it answers only after the deadline; silent: it never answers.
-FAULT_KINDS = ("raise", "hang", "silent", *MALFORMED)
+FAULT_KINDS = ("raise", "hang", "silent", *MALFORMED, *HOSTILE)
 
 
 class InjectedFault(RuntimeError):
@@ -48,9 +66,10 @@ def _map_arrays(r: Reply, fn) -> Reply:
 
 
 def corrupt(reply: Reply, kind: str) -> Reply:
-    if kind not in MALFORMED:
-        raise ValueError(f"unknown malformed-reply fault {kind!r}; allowed: {', '.join(MALFORMED)}")
-    return MALFORMED[kind](reply)
+    tamper = {**MALFORMED, **HOSTILE}
+    if kind not in tamper:
+        raise ValueError(f"unknown reply fault {kind!r}; allowed: {', '.join(tamper)}")
+    return tamper[kind](reply)
 
 
 def parse_faults(spec: str) -> dict[tuple[int, int | None], str]:
@@ -107,7 +126,7 @@ class FaultyTransport:
         for pid, kind in kinds.items():
             if kind == "raise":
                 out[pid] = Failure(pid, "error", f"InjectedFault: client {pid} raised in round {server_round}")
-            elif kind in MALFORMED and isinstance(out.get(pid), Reply):
+            elif (kind in MALFORMED or kind in HOSTILE) and isinstance(out.get(pid), Reply):
                 out[pid] = corrupt(out[pid], kind)
         for pid, t in hung.items():
             t.join(max(0.0, deadline - time.monotonic()))

@@ -47,33 +47,129 @@ def is_done(cell: Cell) -> bool:
         return False
 
 
+def finished(cell: Cell) -> bool:
+    """The cell's folder holds a finished run, with whatever config."""
+    return (cell.out / "summary.json").is_file()
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def changed_fields(cell: Cell) -> list[str]:
+    """``"field: saved -> now"`` for each config field in which the finished run in the cell's folder
+    differs from the cell (its saved config read as :func:`is_done` reads it: missing fields at their
+    defaults)."""
+    import yaml
+
+    now = _flat(yaml.safe_load(to_yaml(cell.cfg)))
+    saved_file = cell.out / "config.yaml"
+    if not saved_file.is_file():
+        return ["config.yaml: missing"]
+    text = saved_file.read_text()
+    try:
+        saved = _flat(yaml.safe_load(to_yaml(from_yaml(text))))
+    except ConfigError:  # a field it set no longer exists: compare what it says
+        try:
+            saved = _flat(yaml.safe_load(text) or {})
+        except yaml.YAMLError:
+            return ["config.yaml: unreadable"]
+    absent = "(absent)"
+    return [f"{k}: {saved.get(k, absent)} -> {now.get(k, absent)}" for k in sorted(set(now) | set(saved))
+            if saved.get(k, absent) != now.get(k, absent)]
+
+
+OTHER_CONFIG = "other_config"  # runs.csv status of a cell finished with a config other than the grid's now
+
+
+def report_row(cell: Cell) -> dict:
+    """A cell's runs.csv row from its folder alone: ``ok``; ``other_config`` (finished with another config:
+    its figures, and the differing fields in ``error``); or ``missing``."""
+    if not finished(cell):
+        return row_of(cell, "missing", "not run")
+    try:
+        if is_done(cell):
+            return row_of(cell, "ok")
+        return {**row_of(cell, "ok"), "status": OTHER_CONFIG,
+                "error": "finished with another config: " + "; ".join(changed_fields(cell))}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return row_of(cell, "failed", f"unreadable summary.json: {type(e).__name__}: {e}")
+
+
+def folder_rows(out_dir: Path, known: set[str]) -> list[dict]:
+    """Rows of the finished cells under ``out_dir`` (``<partition>/.../<strategy>/seed<k>/summary.json``) whose
+    folders no cell in ``known`` (output_dir strings) names: a seed or label no longer in the grid."""
+    rows = []
+    for summary in sorted(out_dir.rglob("summary.json")):
+        folder, parts = summary.parent, summary.parent.relative_to(out_dir).parts
+        if str(folder) in known or len(parts) < 3 or not (parts[-1].startswith("seed") and parts[-1][4:].isdigit()):
+            continue
+        row = {"partition": "/".join(parts[:-2]), "strategy": parts[-2], "seed": int(parts[-1][4:]),
+               "status": OTHER_CONFIG, "output_dir": str(folder), "setting": parts[0], "axis_value": "",
+               "error": "finished, not a cell of this grid"}
+        try:
+            row.update(summary_fields(folder))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            row.update(status="failed", error=f"unreadable summary.json: {type(e).__name__}: {e}")
+        rows.append(row)
+    return rows
+
+
+def runs_rows(rows: list[dict], every: list[Cell], out_dir: Path | None) -> list[dict]:
+    """runs.csv: ``rows`` (this invocation's cells), then a :func:`report_row` for every other cell of the
+    whole grid and a row for every other finished cell in ``out_dir`` (None: no scan), sorted by partition,
+    strategy, seed (in the order they first appear), so a partial or changed invocation never drops a
+    finished cell."""
+    by_dir = {r["output_dir"]: r for r in rows}
+    for c in every:
+        if str(c.out) not in by_dir:
+            by_dir[str(c.out)] = report_row(c)
+    if out_dir is not None and out_dir.is_dir():
+        for r in folder_rows(out_dir, set(by_dir)):
+            by_dir[r["output_dir"]] = r
+    parts = list(dict.fromkeys(r["partition"] for r in by_dir.values()))
+    strats = list(dict.fromkeys(r["strategy"] for r in by_dir.values()))
+    return sorted(by_dir.values(), key=lambda r: (parts.index(r["partition"]), strats.index(r["strategy"]),
+                                                  int(r["seed"])))
+
+
 def row_of(cell: Cell, status: str, error: str = "") -> dict:
     row = {"partition": cell.partition, "strategy": cell.strategy, "seed": cell.seed, "status": status,
            "output_dir": str(cell.out), "error": error, "setting": cell.setting or cell.partition,
            "axis_value": "" if cell.axis_value is None else cell.axis_value}
     if status == "ok":
-        s = json.loads((cell.out / "summary.json").read_text())
-        f = s["final"]
-        row.update({
-            "accuracy_mean": f["accuracy_mean"],
-            "accuracy_worst10": f["accuracy_worst10"],
-            "accuracy_weighted": f.get("accuracy_weighted"),  # sum correct / sum test samples (PFLlib's figure)
-            "unseen_accuracy_mean": f.get("unseen_accuracy_mean"),
-            "cross_eval_gap": (f.get("cross_eval") or {}).get("gap"),  # run.cross_eval: own - others accuracy
-            "params_per_round": s["params"]["down_per_client_round"] + s["params"]["up_per_client_round"],
-            "bytes_per_round": s["bytes"]["down_per_client_round"] + s["bytes"]["up_per_client_round"],
-            "rounds": s["rounds"],
-            # optimizer steps per client per round (absent from summaries written before it was recorded)
-            "local_steps": (s.get("local_steps") or {}).get("per_client_round"),
-            "wall_time_s": s["wall_time_s"],
-            # LLM cells: token-weighted perplexity of the reply tokens (absent for other modalities)
-            "perplexity_mean": f.get("perplexity_mean"),
-            "perplexity_worst10": f.get("perplexity_worst10"),
-            "unseen_perplexity_mean": f.get("unseen_perplexity_mean"),
-            # data.val_fraction > 0: the validation-best round and the test figures there
-            **val_fields(s),
-        })
+        row.update(summary_fields(cell.out))
     return row
+
+
+def summary_fields(folder: Path) -> dict:
+    """The runs.csv figures of a finished cell, from its summary.json."""
+    s = json.loads((folder / "summary.json").read_text())
+    f = s["final"]
+    return {
+        "accuracy_mean": f["accuracy_mean"],
+        "accuracy_worst10": f["accuracy_worst10"],
+        "accuracy_weighted": f.get("accuracy_weighted"),  # sum correct / sum test samples (PFLlib's figure)
+        "unseen_accuracy_mean": f.get("unseen_accuracy_mean"),
+        "cross_eval_gap": (f.get("cross_eval") or {}).get("gap"),  # run.cross_eval: own - others accuracy
+        "params_per_round": s["params"]["down_per_client_round"] + s["params"]["up_per_client_round"],
+        "bytes_per_round": s["bytes"]["down_per_client_round"] + s["bytes"]["up_per_client_round"],
+        "rounds": s["rounds"],
+        # optimizer steps per client per round (absent from summaries written before it was recorded)
+        "local_steps": (s.get("local_steps") or {}).get("per_client_round"),
+        "wall_time_s": s["wall_time_s"],
+        # LLM cells: token-weighted perplexity of the reply tokens (absent for other modalities)
+        "perplexity_mean": f.get("perplexity_mean"),
+        "perplexity_worst10": f.get("perplexity_worst10"),
+        "unseen_perplexity_mean": f.get("unseen_perplexity_mean"),
+        # data.val_fraction > 0: the validation-best round and the test figures there
+        **val_fields(s),
+    }
 
 
 def run_cell(cfg_yaml: str) -> tuple[str, str]:

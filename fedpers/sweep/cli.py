@@ -19,8 +19,13 @@ With an ``axis``, the report adds ``plots/regimes.png`` (paired difference to th
 band against the axis, per setting; ``regimes_unseen.png`` for held-out clients) and a crossover table.
 
 Every cell runs on the in-process engine. A cell whose folder holds a ``summary.json`` written for the
-same resolved config is skipped, so an interrupted grid resumes where it stopped. The grid writes
-``runs.csv`` (one row per cell), ``table.md`` (mean +- std over seeds) and ``plots/*.png``.
+same resolved config is skipped, so an interrupted grid resumes where it stopped. A finished cell whose
+resolved config differs (an override, a changed grid) is refused before anything runs, naming the cell
+and the fields: choose another ``--output-dir`` to keep both, or ``--rerun-changed`` to replace it. The
+grid writes ``runs.csv`` (one row per cell of the whole grid, whatever subset this invocation runs, and
+one per other finished cell of the folder; status ok, failed, missing, or other_config: finished with a
+config other than the grid's now, its figures kept), ``table.md`` (mean +- std over seeds, ok cells) and
+``plots/*.png``.
 
 Cells run in ``--jobs N`` local worker processes (default: one per core, the cores' torch threads
 divided among them), or with ``--ray-address`` as tasks on an existing Ray cluster (docs/cluster.md).
@@ -38,10 +43,19 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from fedpers.config import ConfigError
+from fedpers.config import ConfigError, load_yaml_mapping
 from fedpers.experiment import from_layers
-from fedpers.sweep.cells import Cell, is_done, row_of
+from fedpers.sweep.cells import (
+    Cell,
+    changed_fields,
+    finished,
+    is_done,
+    report_row,
+    row_of,  # noqa: F401  (importable from here, as before)
+    runs_rows,
+)
 from fedpers.sweep.local import run_grid  # the executors live there; run_grid stays importable from here
 from fedpers.sweep.report import COLUMNS, plot, write_csv, write_table  # noqa: F401  (the report lives there)
 from fedpers.sweep.selection import parse_select, selected_rows
@@ -130,15 +144,28 @@ def parse_axis(raw) -> dict | None:
     return {"field": field, "label": label, "points": points}
 
 
+def read_grid(path: str | Path) -> dict:
+    """A grid file as a dict, read as ``--config`` files are (:func:`fedpers.config.load_yaml_mapping`): a
+    missing, binary, malformed or non-mapping file is a ConfigError naming it, never a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("grid", f"file not found: {path}")
+    loaded = load_yaml_mapping(path, "grid", f"grid keys ({', '.join(GRID_KEYS)})")
+    try:
+        return OmegaConf.to_container(loaded, resolve=True)
+    except OmegaConfBaseException as e:  # a ${...} interpolation that does not resolve
+        raise ConfigError("grid", f"{path}: {str(e).splitlines()[0]}") from None
+
+
 def grid_reference(path: str | Path) -> str | list[str]:
     """The strategy label table.md's paired differences are taken to (the grid's ``reference``, default
     pfedpg); :func:`load_grid` has checked that the grid has it."""
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True).get("reference", REFERENCE)
+    return read_grid(path).get("reference", REFERENCE)
 
 
 def grid_select(path: str | Path) -> dict[str, list[str]]:
     """The grid's ``select`` groups (see :mod:`fedpers.sweep.selection`); :func:`load_grid` checked them."""
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    raw = read_grid(path)
     return parse_select(raw.get("select"), [str(k) for k in _named(raw.get("strategies"), "grid.strategies",
                                                                    lambda n: {"strategy.name": n})])
 
@@ -146,10 +173,7 @@ def grid_select(path: str | Path) -> dict[str, list[str]]:
 def load_grid(path: str | Path, extra_base: list[str] | None = None, only: dict[str, list[str]] | None = None,
               output_dir: str | None = None) -> tuple[Path, list[Cell]]:
     """Grid file -> (output dir, validated cells). Every cell's config is validated before any runs."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("grid", f"file not found: {path}")
-    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    raw = read_grid(path)
     unknown = set(raw) - set(GRID_KEYS)
     if unknown:
         raise ConfigError(f"grid.{min(unknown)}", f"unknown key; allowed: {', '.join(GRID_KEYS)}")
@@ -233,6 +257,32 @@ def execution_flags(args) -> dict | None:
     return {"address": args.ray_address.strip(), "cpus": cpus, "gpus": gpus}
 
 
+def whole_grid(grid, overrides, output_dir, out_dir: Path, cells: list[Cell]) -> list[Cell]:
+    """The cells runs.csv lists: every strategy and partition of the grid at its seeds, and at any other
+    seed with a finished cell in ``out_dir`` (an earlier ``--seeds``), as this invocation resolves them."""
+    seeds = set(read_grid(grid).get("seeds") or [0])
+    found = {int(p.name[4:]) for p in out_dir.rglob("seed*") if p.name[4:].isdigit()} if out_dir.is_dir() else set()
+    found |= {c.seed for c in cells}
+    every = load_grid(grid, overrides, {"seeds": sorted(seeds | found)}, output_dir)[1]
+    return [c for c in every if c.seed in seeds or finished(c)]
+
+
+def refusal(changed: list[Cell], out_dir: Path, show: int = 20) -> str:
+    """The error for finished cells that this invocation would replace with another config."""
+    head = (f"error: {len(changed)} finished cell(s) in {out_dir} hold a run of another config; running "
+            f"would replace them (field: finished run -> now):")
+    lines = [head]
+    for c in changed[:show]:
+        fields = changed_fields(c)
+        more = f"; and {len(fields) - 5} more" if len(fields) > 5 else ""
+        lines.append(f"  {c.partition}/{c.strategy}/seed{c.seed}: {'; '.join(fields[:5])}{more}")
+    if len(changed) > show:
+        lines.append(f"  ... and {len(changed) - show} more")
+    lines.append("Nothing was run. To keep them, choose another --output-dir; to replace these cells, add "
+                 "--rerun-changed; --dry-run lists them as 'changed'.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fedpers.sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -244,8 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-dir", help="results folder (replaces the grid's output_dir)")
     ap.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--rerun-changed", action="store_true",
+                    help="replace finished cells whose resolved config differs (refused without it)")
     ap.add_argument("--report-only", action="store_true",
-                    help="write runs.csv, table.md and plots from the finished cells; run nothing (the rest are listed as missing)")
+                    help="write runs.csv, table.md and plots from the finished cells; run nothing (the rest are listed as "
+                         "missing, cells finished with another config as other_config)")
     ap.add_argument("--jobs", type=int, help="cells run at once in local worker processes, each with cores/N torch "
                     "threads (default: one per core; 1 = in this process)")
     ap.add_argument("--ray-address", help="run the cells as tasks on an existing Ray cluster: its address "
@@ -258,24 +311,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ray = execution_flags(args)
         out_dir, cells = load_grid(args.grid, args.overrides, only, args.output_dir)
+        every = whole_grid(args.grid, args.overrides, args.output_dir, out_dir, cells)
         reference = grid_reference(args.grid)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    changed = [c for c in cells if finished(c) and not is_done(c)]
     if args.dry_run:
+        changed_ids = {id(c) for c in changed}
         for c in cells:
-            print(f"{'done' if is_done(c) else 'todo'}  {c.out}")
+            print(f"{'done' if is_done(c) else 'changed' if id(c) in changed_ids else 'todo'}  {c.out}")
         return 0
+    if changed and not (args.rerun_changed or args.report_only):
+        print(refusal(changed, out_dir), file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     if args.report_only:
-        rows = [row_of(c, "ok") if is_done(c) else row_of(c, "missing", "not run") for c in cells]
+        rows = runs_rows([report_row(c) for c in cells], every, out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_csv(rows, out_dir / "runs.csv")
     else:
         from fedpers.sweep.ray_cluster import RayClusterError
 
         try:
-            rows = run_grid(out_dir, cells, progress=not args.no_progress, jobs=args.jobs, ray=ray)
+            rows = run_grid(out_dir, cells, progress=not args.no_progress, jobs=args.jobs, ray=ray, every=every)
         except RayClusterError as e:  # raised before any cell is submitted
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -291,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedpers.sweep.curves import plot_curves
 
     plot_curves(rows, out_dir / "plots")  # learning curves per setting, one line per strategy
-    axis = parse_axis(OmegaConf.to_container(OmegaConf.load(args.grid), resolve=True).get("axis"))
+    axis = parse_axis(read_grid(args.grid).get("axis"))
     if axis is not None:  # regime map: paired differences along the axis, appended to table.md
         from fedpers.sweep.regimes import crossovers, plot_regimes
 
@@ -301,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         if extra:
             with (out_dir / "table.md").open("a") as f:
                 f.write("\n" + "\n".join(extra))
-    failed = sum(r["status"] != "ok" for r in rows)
+    mine = {str(c.out) for c in cells}
+    failed = sum(r["status"] != "ok" for r in rows if r["output_dir"] in mine)
     print(f"grid wall time this invocation: {wall:.0f}s; results in {out_dir} (runs.csv, table.md, plots/)")
     return 1 if failed else 0
 

@@ -18,7 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from fedpers.rounds.workers import sigterm_raises, watch_parent
-from fedpers.sweep.cells import is_done, row_of, run_cell
+from fedpers.sweep.cells import is_done, row_of, run_cell, runs_rows
 
 log = logging.getLogger("fedpers")
 
@@ -127,13 +127,23 @@ def _solo(i: int, y: str, threads: int, ctx, done: Done, cell_fn: CellFn) -> Non
 
 
 def run_grid(out_dir: Path, cells: list, progress: bool = True, jobs: int | None = None,
-             ray: dict | None = None, cell_fn: CellFn = run_cell) -> list[dict]:
-    """Run the unfinished cells and return one row per cell (in grid order). ``jobs``: local worker
-    processes (None = one per core); ``ray``: ``{"address", "cpus", "gpus"}`` runs them on a Ray cluster."""
+             ray: dict | None = None, cell_fn: CellFn = run_cell, every: list | None = None) -> list[dict]:
+    """Run the unfinished cells and return the rows of runs.csv: one per cell, and one per other finished
+    cell of ``out_dir`` (``every``: the whole grid, when ``cells`` is a selection of it; see
+    :func:`fedpers.sweep.cells.runs_rows`). ``jobs``: local worker processes (None = one per core); ``ray``:
+    ``{"address", "cpus", "gpus"}`` runs them on a Ray cluster. A finished cell whose config differs is
+    run again: the caller has refused that unless asked (``--rerun-changed``)."""
     from fedpers.config import to_yaml
     from fedpers.sweep.report import write_csv
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    mine = {str(c.out) for c in cells}
+    # The other finished cells of the folder: read once, listed in every runs.csv this run writes.
+    extra = [r for r in runs_rows([], every or [], out_dir) if r["output_dir"] not in mine]
+
+    def csv_rows() -> list[dict]:
+        return runs_rows([rows[k] for k in sorted(rows)] + extra, [], None)
+
     rows: dict[int, dict] = {}
     todo = []
     for i, cell in enumerate(cells):
@@ -151,7 +161,7 @@ def run_grid(out_dir: Path, cells: list, progress: bool = True, jobs: int | None
         if status != "ok":
             log.error("cell %s/%s/seed%s failed: %s", cell.partition, cell.strategy, cell.seed, error)
         rows[i] = row_of(cell, status, error)
-        write_csv([rows[k] for k in sorted(rows)], out_dir / "runs.csv")
+        write_csv(csv_rows(), out_dir / "runs.csv")
         if bar is not None:
             bar.set_postfix_str(f"{cell.partition}/{cell.strategy}/seed{cell.seed} {status}")
             bar.update(1)
@@ -173,7 +183,7 @@ def run_grid(out_dir: Path, cells: list, progress: bool = True, jobs: int | None
     finally:
         if bar is not None:
             bar.close()
-    ordered = [rows[k] for k in sorted(rows)]
+    ordered = csv_rows()
     write_csv(ordered, out_dir / "runs.csv")
     return ordered
 
