@@ -1,0 +1,116 @@
+"""FedDPA and pFedMoAP on the llm modality (a tiny random Llama, chitchat speakers; tests/llm_helpers.py).
+
+FedDPA: a global LoRA averaged, a local one kept, and each test reply scored under its own mixture
+W0 + s[a(x) B_g A_g + (1 - a(x)) B_l A_l], a(x) from the last context token's hidden state under the
+local adapter alone (the official GlobalModel_generated.py 312-346). pFedMoAP: soft-prompt experts
+mixed per reply by the client's gate, whose query is the frozen model's last context state."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedpers.experiment import load_config
+from fedpers.rounds.server import build_strategy, run_server
+from strategies.feddpa import LOCAL, REF, FedDPA
+from strategies.lora_fold import a_of, b_of, factor_names, fold_of, lora_scaling, modules
+from tests.llm_helpers import llm_tiny_overrides
+from tests.test_feddpa import Spy
+
+EXAMPLES = [  # two replies with different contexts (words of the tiny tokenizer's vocabulary)
+    {"context": [{"role": "user", "content": "what is the capital of france"}], "target": "paris ."},
+    {"context": [{"role": "user", "content": "do you like pizza or pasta with cheese"}], "target": "i like pizza"},
+]
+
+
+def _ctx(tmp_path, strategy, adapter, **extra):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from fedpers.client import make_context
+
+    cfg = load_config(None, llm_tiny_overrides(tmp_path, adapter, **{"strategy.name": strategy, **extra}))
+    ctx = make_context(cfg, 0, 2)
+    return dataclasses.replace(ctx, data=SimpleNamespace(x_test=EXAMPLES, y_test=torch.zeros(2), num_train=0))
+
+
+# --- FedDPA -------------------------------------------------------------------------------------------
+
+
+def test_feddpa_runs_on_llm_and_keeps_the_local_adapter_home(tmp_path):
+    """Two rounds (the second has the local phase): finite perplexity for every speaker, only the global
+    adapter travels, and every speaker's local adapter has learned (B moved off its zero start)."""
+    cfg = load_config(
+        None,
+        llm_tiny_overrides(
+            tmp_path, "lora", **{"strategy.name": "feddpa", "run.rounds": 2, "model.llm.generations": 0}
+        ),
+    )
+    t = Spy(cfg)
+    summary = run_server(cfg, t, build_strategy(cfg))
+    losses = summary["final"]["per_client_loss"]
+    assert len(losses) == cfg.run.num_clients and all(math.isfinite(v) for v in losses.values())
+    assert math.isfinite(summary["final"]["perplexity_mean"])
+    assert not any(k.startswith(LOCAL) for msgs in t.sent for a in msgs.values() for k in a)
+    assert not any(k.startswith("delta/" + LOCAL) for rs in t.received for r in rs.values() for k in r.arrays)
+    states = [t.states[p] for p in sorted(t.states)]
+    b = next(k for k in states[0] if k.startswith(LOCAL) and k.endswith("lora_B.weight"))
+    assert all(np.abs(s[b]).max() > 0 for s in states)
+
+
+def _hand_mixture(shapes, tensors, w_global, w_local, s):
+    """W0 + s[w_global B_g A_g + w_local B_l A_l] as one dense fold per module (LoRA B = 0), written
+    independently of strategies.feddpa.mixed."""
+    out = {}
+    for m in modules(shapes):
+        out[a_of(m)] = tensors[a_of(m)]
+        out[b_of(m)] = torch.zeros_like(tensors[b_of(m)])
+        out[fold_of(m)] = s * (
+            w_global * tensors[b_of(m)] @ tensors[a_of(m)]
+            + w_local * tensors[LOCAL + b_of(m)] @ tensors[LOCAL + a_of(m)]
+        )
+    return out
+
+
+def test_feddpa_llm_scores_each_reply_with_a_of_x_on_the_global_adapter(tmp_path):
+    """evaluate_model on llm scores reply x under W0 + s[a(x) B_g A_g + (1 - a(x)) B_l A_l], a(x) = max_weight
+    x mean cosine of the final hidden state at x's last context token (the context run alone, here through
+    a prompt-only forward) under the local adapter alone, to the references'. One reference is the first
+    reply's own context, so a = 1 there and less on the other; a constant a, or a(x) on the local adapter,
+    gives another loss, so the test fails on either mistake."""
+    ctx = _ctx(tmp_path, "feddpa", "lora", **{"strategy.max_weight": 1.0})
+    model, shapes, s = ctx.model, ctx.shapes, lora_scaling(ctx.cfg)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for k, shape in shapes.items():
+        tensors[k] = torch.randn(*shape, generator=g)
+        tensors[LOCAL + k] = torch.randn(*shape, generator=g)
+    local_alone = {k: tensors[LOCAL + k] for k in factor_names(shapes)}
+    with torch.no_grad():  # the contexts alone, each in its own forward pass: its last position
+        emb = torch.cat(
+            [
+                model.hidden(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), local_alone)[:, -1]
+                for ids in (model.chat.prompt_ids(ex["context"]) for ex in EXAMPLES)
+            ]
+        )
+    tensors[REF] = emb[:1].clone()
+    a = torch.nn.functional.cosine_similarity(emb, tensors[REF], dim=-1).tolist()
+    assert a[0] == pytest.approx(1.0, abs=1e-5) and a[0] - a[1] > 0.05, a
+
+    def loss_of(weights):  # token-weighted NLL, reply i under weights[i] = (w_global, w_local)
+        batch = model.prepare(EXAMPLES)
+        stats = [
+            model.token_stats(batch.select([i]), _hand_mixture(shapes, tensors, *w, s)) for i, w in enumerate(weights)
+        ]
+        return sum(x[0] for x in stats) / sum(x[1] for x in stats), sum(x[2] for x in stats) / sum(x[1] for x in stats)
+
+    expected = loss_of([(ai, 1 - ai) for ai in a])
+    on_local = loss_of([(1 - ai, ai) for ai in a])
+    assert abs(on_local[0] - expected[0]) > 2e-3, (expected, on_local)
+    for c in a:  # a constant weight: either instance's a(x) for both
+        constant = loss_of([(c, 1 - c)] * 2)
+        assert abs(constant[0] - expected[0]) > 2e-3, (a, expected, constant)  # 10x the tolerance below
+    loss, acc = FedDPA.evaluate_model(ctx, tensors)
+    assert loss == pytest.approx(expected[0], rel=0, abs=2e-4)
+    assert acc == pytest.approx(expected[1])
