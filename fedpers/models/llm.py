@@ -230,6 +230,14 @@ class PeftCausalLM(nn.Module):
         rows = torch.arange(h.shape[0], device=h.device)
         return h[:, :-1][pred], batch.labels[:, 1:].to(h.device)[pred], h[rows, (batch.prompt_lengths - 1).to(h.device)]
 
+    def lm_loss(self, batch: PreparedBatch, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token NLL over the batch's target tokens (token-weighted), differentiable in the
+        client's tensors."""
+        logits, y = self._target_logits(batch, tensors)
+        if y.numel() == 0:
+            raise ValueError("batch has no target tokens")
+        return F.cross_entropy(logits, y)
+
     @torch.no_grad()
     def frozen_states(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(N, hidden) final hidden state of row i at ``positions[i]`` under the frozen model alone: no soft
