@@ -122,6 +122,7 @@ SLOW_TESTS = {
     "test_llm_run.py::test_a_backbone_that_is_not_a_causal_lm_is_refused": "~7 CPU s (a subprocess)",
     "test_llm_run.py::test_cross_evaluation_scores_each_speakers_adapter_on_every_speaker": "~8 CPU s",
     "test_llm_strategies.py::test_feddpa_runs_on_llm_and_keeps_the_local_adapter_home": "33-45 s wall on the shared 2-core VM (2 LLM rounds, per-reply evaluation)",
+    "test_deployment.py::test_llm_round_over_tls_supernodes_matches_the_fast_engine": "~150 s wall (TLS SuperLink, 2 SuperNodes, 1 LLM round); the module is marked slow too",
     "test_llm_strategies.py::test_pfedmoap_runs_on_llm_with_soft_prompt_experts": "10-42 s wall on the shared 2-core VM (2 LLM rounds, K+2 passes)",
 }
 # The strategy conformance suite runs every registered strategy in the full tier; the fast tier keeps the
