@@ -210,3 +210,40 @@ def test_pfedmoap_on_llm_refuses_prefixes_naming_the_field(tmp_path):
 
     with pytest.raises(ConfigError, match=r"model\.adapter.*allowed: prompt"):
         load_config(None, llm_tiny_overrides(tmp_path, "prefix", **{"strategy.name": "pfedmoap"}))
+
+
+def test_pfedmoap_llm_generation_decodes_from_the_scored_mixture(tmp_path, monkeypatch):
+    """The generations' first step gives the same next-token logits as the scored mixture at each reply's
+    first token (gate from the context, lambda * own + gated experts), not the own prompt's alone."""
+    from fedpers.client import start_tensors
+    from strategies.pfedmoap import PFedMoAP
+
+    ctx = _ctx(tmp_path, "pfedmoap", "prompt", **{"strategy.num_experts": 2})
+    model = ctx.model
+    k, d = ctx.shapes["prompts"]
+    g = torch.Generator().manual_seed(1)
+    t = start_tensors(ctx, {}, {})
+    t.update(PFedMoAP._init_gate(ctx, {}))
+    t["experts"] = t["prompts"] + 0.5 * torch.randn(2, k, d, generator=g)
+    t["expert_mask"] = torch.ones(2)
+    captured = {}
+    monkeypatch.setattr(
+        model,
+        "generate",
+        lambda ex, tensors, max_new_tokens, step_logits: captured.update(step=step_logits) or [""] * len(ex),
+    )
+    PFedMoAP.generate(ctx, t, EXAMPLES)
+    prompts = [model.chat.prompt_ids(ex["context"]) for ex in EXAMPLES]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)], mask[i, : len(p)] = torch.tensor(p), 1
+    with torch.no_grad():
+        first = captured["step"](ids, mask, torch.tensor([len(p) - 1 for p in prompts]))
+        batch = model.prepare(EXAMPLES)
+        scored, _ = PFedMoAP._lm_logits(ctx, batch, t)
+        own = model.lm_head(model.states(batch, t)[0]).float()
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), batch.target[:, 1:].sum(1).cumsum(0)[:-1]])
+    torch.testing.assert_close(first.float(), scored[starts], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(scored[starts], own[starts], atol=1e-2)
