@@ -404,11 +404,13 @@ def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], re
            eval_tensors: dict[str, torch.Tensor] | None = None,
            eval_result: tuple[float, float] | None = None, local_steps: int | None = None,
            extra_metrics: dict[str, float] | None = None,
-           val_result: tuple[float, float] | None = None) -> tuple[Reply, dict[str, np.ndarray]]:
+           val_result: tuple[float, float] | None = None,
+           generate: Callable[[list], list[str]] | None = None) -> tuple[Reply, dict[str, np.ndarray]]:
     """Deltas of the sent tensors, the new personal state, and metrics (evaluated on ``eval_tensors``,
     default ``trained``; or given as ``eval_result`` = (loss, accuracy) by a batched evaluator).
     ``local_steps``: optimizer steps this round (default: one per loss in ``losses``), reported so that
-    tables can show every strategy's local compute next to its accuracy."""
+    tables can show every strategy's local compute next to its accuracy. ``generate``: examples -> greedy
+    replies, for a strategy whose causal LM is not one forward pass under ``eval_tensors``."""
     arrays = {
         f"delta/{k}": (trained[k].detach() - torch.from_numpy(np.asarray(received[k], dtype=DTYPE)))
         .numpy().astype(DTYPE)
@@ -420,7 +422,7 @@ def finish(ctx: ClientContext, sends: Iterable[str], personal: Iterable[str], re
     if ctx.cfg.run.cross_eval:  # the model just evaluated, kept for the cross-evaluation after training
         stash_for_cross_eval(state, eval_tensors if eval_tensors is not None else trained)
     if ctx.model.modality == "llm":
-        write_generations(ctx, eval_tensors if eval_tensors is not None else trained)
+        write_generations(ctx, eval_tensors if eval_tensors is not None else trained, generate=generate)
     per_epoch = steps_per_epoch(ctx)
     metrics = {
         "train_loss": float(np.mean(losses[-per_epoch:])) if losses else float("nan"),
@@ -445,7 +447,8 @@ def validation_metrics(ctx: ClientContext, tensors: dict[str, torch.Tensor],
     return {"val_loss": float(loss), "val_accuracy": float(acc), "num_val": float(len(ctx.data.y_val))}
 
 
-def write_generations(ctx: ClientContext, tensors: dict[str, torch.Tensor], examples: list | None = None) -> None:
+def write_generations(ctx: ClientContext, tensors: dict[str, torch.Tensor], examples: list | None = None,
+                      generate: Callable[[list], list[str]] | None = None) -> None:
     """Greedy replies of a causal-LM client to its first ``model.llm.generations`` test examples, written
     (context, reference, generated) to ``<output_dir>/generations/client_<id>.jsonl`` from the last
     training round on, so a reader sees what personalization does to each speaker's replies. Simulation
@@ -460,7 +463,8 @@ def write_generations(ctx: ClientContext, tensors: dict[str, torch.Tensor], exam
     if not out.is_dir():
         return
     chosen = (ctx.data.x_test if examples is None else examples)[: m.generations]
-    replies = ctx.model.generate(list(chosen), tensors, max_new_tokens=m.max_new_tokens)
+    replies = (generate(list(chosen)) if generate is not None
+               else ctx.model.generate(list(chosen), tensors, max_new_tokens=m.max_new_tokens))
     folder = out / "generations"
     folder.mkdir(exist_ok=True)
     rows = [{"round": ctx.server_round, "context": e["context"], "reference": e["target"], "generated": r}

@@ -31,13 +31,19 @@ what this does:
       a(x) = max_weight * (1/M) sum_{i=1..M} cos(e(x), e(s_i))
       h    = W0 x + s [ a(x) B_g A_g + (1 - a(x)) B_l A_l ] x
 
-  e(.) is the representation under the *local adapter alone* (313: ``set_adapter('local')``; there the
-  last token's last hidden state, here the model's pooled features), s_1..s_M are M = ``instance_num`` (5)
-  of the client's training instances (315), max_weight 0.5. a(x) goes on the *global* adapter: the active
+  e(.) is the representation under the *local adapter alone* (313: ``set_adapter('local')``): there the
+  last token's last hidden state of the prompt without its answer (318-331, left-padded, so ``[:, -1]`` is
+  the last real token). On ``model.modality=llm`` it is exactly that: the final hidden state (after the
+  final norm, as ``hidden_states[-1]``) at the context's last token, the generation prompt's end, just
+  before the reply (``PeftCausalLM.states``); on ``text`` it is the encoder's pooled features. s_1..s_M
+  are M = ``instance_num`` (5) of the client's training instances (315), their contexts encoded the same
+  way, max_weight 0.5. a(x) goes on the *global* adapter: the active
   adapter is 'default' (156, 344) and ``set_local(['local'], [w, 1 - w])`` (383) gives the active adapter
   w (``layer.py`` 230-231) and 'local' 1 - w (229). ``strategy.dynamic_weight_on = local`` swaps the two
   (a(x) on the local adapter, 1 - a(x) on the global one), which is what this strategy did before.
-  Each test instance gets its own forward pass with its own a(x).
+  Each test instance gets its own forward pass with its own a(x). On ``llm`` the mixture scores the
+  instance's reply tokens (next-token NLL and accuracy, token-weighted over the test split, as every LLM
+  strategy reports them) and writes the generations (``model.llm.generations``) each with its own a(x).
 
 The paper: its section 4 text could not be read when this was written (only its abstract and third-party
 summaries were reachable), so where the paper's equations place a(x) and the training weight has not
@@ -48,7 +54,7 @@ Differences from the official code (named here, not hidden): the two phases spli
 every strategy gets (``client.local_epochs`` passes, counted in optimizer steps; ``split_budget``):
 ``strategy.global_fraction`` of the steps on the global adapter, the rest on the local one, where the
 official code runs each phase for the full ``local_num_epochs`` (issue #4 there: 10 epochs each). The
-personal linear head (the official LLM has none) trains in both phases. The M reference instances are
+personal linear head (text only; the official LLM and ``llm`` have none) trains in both phases. The M reference instances are
 one seeded draw per round (the official code draws them afresh for every test instance, line 315), and
 their features travel with the personal model (``feddpa.ref``) so a cross-evaluation scores another
 client's data against the model owner's references. In the official script the per-instance weights
@@ -116,7 +122,7 @@ def mixed(shapes, tensors: dict[str, torch.Tensor], w_global, w_local, s: float,
         raise ValueError(f"train must be 'local' or 'global', got {train!r}")
     tr, fr = (LOCAL, "") if train == "local" else ("", LOCAL)
     w_tr, w_fr = (w_local, w_global) if train == "local" else (w_global, w_local)
-    out = {k: tensors[k] for k in HEAD}
+    out = heads(tensors)
     for m in modules(shapes):
         out[a_of(m)] = tensors[tr + a_of(m)]
         out[b_of(m)] = w_tr * tensors[tr + b_of(m)]
@@ -124,18 +130,23 @@ def mixed(shapes, tensors: dict[str, torch.Tensor], w_global, w_local, s: float,
     return out
 
 
+def heads(tensors) -> dict[str, torch.Tensor]:
+    """The personal head's tensors, where the model has one (not on ``llm``)."""
+    return {k: tensors[k] for k in HEAD if k in tensors}
+
+
 def global_only(shapes, tensors):
-    return {**{k: tensors[k] for k in factor_names(shapes)}, **{k: tensors[k] for k in HEAD}}
+    return {**{k: tensors[k] for k in factor_names(shapes)}, **heads(tensors)}
 
 
 def local_only(shapes, tensors):
-    return {**{k: tensors[LOCAL + k] for k in factor_names(shapes)}, **{k: tensors[k] for k in HEAD}}
+    return {**{k: tensors[LOCAL + k] for k in factor_names(shapes)}, **heads(tensors)}
 
 
 @register_strategy
 class FedDPA(_LoraAvg):
     name = "feddpa"
-    modalities = ("text",)  # its per-instance weighting reads pooled encoder features (fedpers.models.text)
+    modalities = ("text", "llm")  # a(x) reads pooled encoder features (text) or the context's last hidden state (llm)
     summary = ("global LoRA averaged + local LoRA kept (each round: the local one against the frozen global, then "
                "the global alone), mixed per test instance by feature similarity (FedDPA-T)")
     config_cls = FedDPAConfig
@@ -158,21 +169,23 @@ class FedDPA(_LoraAvg):
             else:  # peft's init (B = 0), seeded per client: the local adapter starts switched off
                 g = torch.Generator().manual_seed(seed_for(ctx.cfg.run.seed, ctx.partition_id, LOCAL_SALT, i))
                 tensors[LOCAL + k] = init_lora_tensor(k, shapes[k], g)
+        head = [k for k in HEAD if k in shapes]
         losses: list[float] = []
         if ctx.server_round <= 1:  # official main.py 208: no local phase in the first round
             global_steps = local_budget(ctx)
         else:  # 1) the local adapter, in the a / (1 - a) mixture with the received global adapter frozen
             local_steps, global_steps = split_budget(ctx, 1 - c.global_fraction)
             a = float(c.train_weight)
-            losses += fit(ctx, tensors, [LOCAL + k for k in factor_names(shapes)] + list(HEAD), None,
+            losses += fit(ctx, tensors, [LOCAL + k for k in factor_names(shapes)] + head, None,
                           steps=local_steps, salt=2, view=lambda t: mixed(shapes, t, 1 - a, a, s, train="local"))
         # 2) the global adapter alone, from the received one (phase 1 did not touch it); it is what is sent
-        losses += fit(ctx, tensors, list(factor_names(shapes)) + list(HEAD), None, steps=global_steps, salt=1,
+        losses += fit(ctx, tensors, list(factor_names(shapes)) + head, None, steps=global_steps, salt=1,
                       view=lambda t: global_only(shapes, t))
         model = {**tensors, REF: cls.references(ctx, tensors)}
         sends, personal = cls.tensor_roles(shapes)
+        gen = (lambda examples: cls.generate(ctx, model, examples)) if ctx.model.modality == "llm" else None
         return finish(ctx, sends, personal, received, tensors, losses, eval_tensors=model,
-                      eval_result=cls.evaluate_model(ctx, model))
+                      eval_result=cls.evaluate_model(ctx, model), generate=gen)
 
     @classmethod
     @torch.no_grad()
@@ -181,6 +194,8 @@ class FedDPA(_LoraAvg):
         n = ctx.data.num_train
         m = min(int(ctx.cfg.strategy.instance_num), n)
         idx = torch.randperm(n, generator=ctx.generator(3))[:m]
+        if ctx.model.modality == "llm":  # the last context token's hidden state (official 318-331)
+            return ctx.model.states(ctx.model.prepare(ctx.data.x_train).select(idx), local_only(ctx.shapes, tensors))[2].cpu()
         x = ctx.model.prepare(ctx.data.x_train)[idx]
         return ctx.model.features_with(ctx.model.embed(x), local_only(ctx.shapes, tensors))
 
@@ -189,6 +204,8 @@ class FedDPA(_LoraAvg):
     def evaluate_model(cls, ctx, tensors):
         """Each test instance x with its own model h = W0 + s[a(x) B_g A_g + (1 - a(x)) B_l A_l]
         (``dynamic_weight_on = global``), a(x) from its features under the local adapter alone."""
+        if ctx.model.modality == "llm":
+            return cls.evaluate_llm(ctx, tensors)
         c = ctx.cfg.strategy
         s = lora_scaling(ctx.cfg)
         x = ctx.model.embed(ctx.model.prepare(ctx.data.x_test))
@@ -203,3 +220,35 @@ class FedDPA(_LoraAvg):
         logits = torch.cat(out)
         y = ctx.data.y_test
         return float(F.cross_entropy(logits, y)), float((logits.argmax(1) == y).float().mean())
+
+    @classmethod
+    def instance_models(cls, ctx, tensors, batch) -> list[dict[str, torch.Tensor]]:
+        """llm: one model per row of ``batch``, h = W0 + s[a(x) B_g A_g + (1 - a(x)) B_l A_l]
+        (``dynamic_weight_on = global``), a(x) from the row's last context state under the local adapter alone."""
+        c = ctx.cfg.strategy
+        emb = ctx.model.states(batch, local_only(ctx.shapes, tensors))[2]
+        alpha = instance_weight(emb, tensors[REF].to(emb.device), float(c.max_weight))
+        s = lora_scaling(ctx.cfg)
+        return [mixed(ctx.shapes, tensors, *dynamic_weights(float(a), c.dynamic_weight_on), s, train="local")
+                for a in alpha]
+
+    @classmethod
+    @torch.no_grad()
+    def evaluate_llm(cls, ctx, tensors) -> tuple[float, float]:
+        """Token-weighted NLL and next-token accuracy of the test replies, each scored by its own model."""
+        batch = ctx.model.prepare(ctx.data.x_test)
+        nll = tokens = correct = 0
+        for i, t in enumerate(cls.instance_models(ctx, tensors, batch)):
+            a, n, k = ctx.model.token_stats(batch.select([i]), t)
+            nll, tokens, correct = nll + a, tokens + n, correct + k
+        if tokens == 0:
+            return float("nan"), float("nan")
+        return float(nll / tokens), float(correct / tokens)
+
+    @classmethod
+    @torch.no_grad()
+    def generate(cls, ctx, tensors, examples: list) -> list[str]:
+        """Greedy replies, each under its own instance model."""
+        models = cls.instance_models(ctx, tensors, ctx.model.prepare(examples))
+        n = ctx.cfg.model.llm.max_new_tokens
+        return [ctx.model.generate([ex], t, max_new_tokens=n)[0] for ex, t in zip(examples, models)]

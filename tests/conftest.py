@@ -158,6 +158,9 @@ SLOW_TESTS = {
     "test_reliability_runs.py::test_a_second_run_into_a_locked_folder_is_refused_naming_the_holder": "~2.3 CPU s",
     "test_robust_aggregation.py::test_one_in_bound_attacker_moves_the_plain_mean_by_its_norm_over_n":
         "~3 CPU s (the first strategy build loads the backbone; the robust cases after it ~0.5 CPU s each)",
+    "test_llm_strategies.py::test_feddpa_runs_on_llm_and_keeps_the_local_adapter_home": "33-45 s wall on the shared 2-core VM (2 LLM rounds, per-reply evaluation)",
+    "test_deployment.py::test_llm_round_over_tls_supernodes_matches_the_fast_engine": "~150 s wall (TLS SuperLink, 2 SuperNodes, 1 LLM round); the module is marked slow too",
+    "test_llm_strategies.py::test_pfedmoap_runs_on_llm_with_soft_prompt_experts": "10-42 s wall on the shared 2-core VM (2 LLM rounds, K+2 passes)",
 }
 # The strategy conformance suite runs every registered strategy in the full tier; the fast tier keeps the
 # reference algorithm and its main baseline (each case costs 5-11 CPU s, its determinism rerun 5 more).

@@ -5,6 +5,7 @@ dead SuperLink. Every process started here is killed in ``finally``, with all it
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -192,3 +193,65 @@ def test_tls_authenticated_deployment_matches_simulation(tmp_path):
     b = json.loads((sim / "summary.json").read_text())["final"]["per_client"]
     assert_same_client_losses(out, sim)  # every client's losses, every round, not a few test images' accuracy
     print(f"deployment test: run {run_s:.1f}s, failing run {bad_s:.1f}s, dead SuperLink {dead_s:.1f}s, total {time.perf_counter() - t_start:.1f}s, per-client {a} vs {b}")
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="needs openssl")
+def test_llm_round_over_tls_supernodes_matches_the_fast_engine(tmp_path):
+    """One round of LoRA on the tiny random Llama (tests/llm_helpers.py, chitchat speakers) through a TLS
+    SuperLink and two real SuperNodes, each training its speaker of the simulated federation (no
+    data-path): every speaker's reply loss (test and train) equals the fast engine's on the same config
+    within 1e-4, as in the Flower simulation engine's LLM test."""
+    from tests.llm_helpers import llm_tiny_overrides, tiny_llm_folder
+
+    home = tmp_path / "home"
+    (home / ".flwr").mkdir(parents=True)
+    env = {**os.environ, "HOME": str(home), "FLWR_HOME": str(home / ".flwr"), "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env.pop("FEDPERS_FAULTS", None)
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(REPO / "scripts" / "make_certs.sh"), str(certs)], check=True, timeout=120,
+                   capture_output=True)
+    tiny_llm_folder()  # written once here; the SuperNodes load it by its path in the config
+    out = tmp_path / "deployed"
+    overrides = llm_tiny_overrides(out, "lora", **{"strategy.name": "fedit", "run.num_clients": 2,
+                                                   "run.clients_per_round": 2, "run.rounds": 1,
+                                                   "client.optimizer": "adamw", "run.client_timeout_s": 240})
+    port = free_port()
+    (home / ".flwr" / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedpers-test"\n\n[superlink.fedpers-test]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{certs / "ca.crt"}"\n')
+    app = copy_app(tmp_path / "app")
+    procs = Processes(env, tmp_path)
+    try:
+        link = procs.start("superlink", [
+            str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(port),
+            "--ssl-ca-certfile", str(certs / "ca.crt"), "--ssl-certfile", str(certs / "server.pem"),
+            "--ssl-keyfile", str(certs / "server.key"), "--disable-runtime-dependency-installation"])
+        wait_for_port(port, link, 60)
+        for i in (0, 1):
+            procs.start(f"supernode{i}", [
+                str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
+                "--root-certificates", str(certs / "ca.crt"), "--host", "127.0.0.1", "--port", str(free_port()),
+                "--node-config", f"partition-id={i} num-partitions=2", "--max-wait-time", "240"])
+        done = launch(env, "fedpers-test", "--app", str(app), "--timeout", "400", "--poll", "1", *overrides,
+                      timeout=500)
+        metrics = (out / "metrics.jsonl").read_text()[-2000:] if (out / "metrics.jsonl").exists() else ""
+        assert done.returncode == 0, (done.stderr[-2000:], metrics, procs.log("supernode0")[-3000:])
+        assert json.loads(done.stdout)["status"] == "finished:completed"
+    finally:
+        procs.stop_all()
+
+    deployed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    fast_out = tmp_path / "fast"
+    assert simulate.main([o for o in overrides if not o.startswith(("run.output_dir=", "run.engine="))]
+                         + ["run.engine=fast", f"run.output_dir={fast_out}"]) == 0
+    fast = [json.loads(line) for line in (fast_out / "metrics.jsonl").read_text().splitlines()]
+    assert len(deployed) == len(fast) == 1
+    a, b = deployed[0], fast[0]
+    assert a["num_failed"] == 0 and a["clients"].keys() == b["clients"].keys() == {"0", "1"}
+    for k in a["clients"]:
+        for m in ("test_loss", "train_loss"):
+            assert math.isfinite(a["clients"][k][m])
+            assert abs(a["clients"][k][m] - b["clients"][k][m]) < 1e-4, (k, m, a["clients"][k], b["clients"][k])

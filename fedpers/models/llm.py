@@ -217,9 +217,18 @@ class PeftCausalLM(nn.Module):
 
     def _target_logits(self, batch: PreparedBatch, tensors) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the positions predicting target tokens only, and those tokens: (M, V), (M,)."""
+        h, y, _ = self.states(batch, tensors)
+        return self.lm_head(h).float(), y
+
+    def states(self, batch: PreparedBatch, tensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward pass under ``tensors``: the final hidden states at the positions that predict a
+        target token (M, hidden), those tokens (M,), and each row's state at its last context token
+        (N, hidden), the one that predicts the reply's first token. The model is causal and rows are
+        right-padded, so that last one is what the context alone would give."""
         h = self.batch_hidden(batch, tensors)
         pred = batch.target[:, 1:].to(h.device)  # position t predicts token t + 1
-        return self.lm_head(h[:, :-1][pred]).float(), batch.labels[:, 1:].to(h.device)[pred]
+        rows = torch.arange(h.shape[0], device=h.device)
+        return h[:, :-1][pred], batch.labels[:, 1:].to(h.device)[pred], h[rows, (batch.prompt_lengths - 1).to(h.device)]
 
     def lm_loss(self, batch: PreparedBatch, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean next-token NLL over the batch's target tokens (token-weighted), differentiable in the
@@ -230,6 +239,17 @@ class PeftCausalLM(nn.Module):
         return F.cross_entropy(logits, y)
 
     @torch.no_grad()
+    def frozen_states(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) final hidden state of row i at ``positions[i]`` under the frozen model alone: no soft
+        prompt, no prefix, no LoRA (the decoder called directly, peft's adapter layers off). With
+        ``positions = batch.prompt_lengths - 1``: each row's last context token."""
+        with self.peft.disable_adapter():
+            out = self.base.get_decoder()(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                          use_cache=False)
+        h = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        return h[torch.arange(h.shape[0], device=h.device), positions.to(h.device)]
+
+    @torch.no_grad()
     def token_stats(self, batch: PreparedBatch, tensors: dict[str, torch.Tensor]) -> tuple[float, int, int]:
         """``(sum of NLL, target tokens, tokens whose argmax is the target)``: summed over batches,
         perplexity is ``exp(sum_nll / num_tokens)`` and next-token accuracy ``num_correct / num_tokens``."""
@@ -238,11 +258,15 @@ class PeftCausalLM(nn.Module):
         return float(nll), int(y.numel()), int((logits.argmax(-1) == y).sum())
 
     @torch.no_grad()
-    def generate(self, examples: list[dict], tensors: dict[str, torch.Tensor], max_new_tokens: int = 32) -> list[str]:
+    def generate(self, examples: list[dict], tensors: dict[str, torch.Tensor], max_new_tokens: int = 32,
+                 step_logits=None) -> list[str]:
         """Greedy replies to the examples' contexts under the client's tensors (for the results folder).
 
         Rows decode together, right-padded: each step runs the full sequences (no key/value cache:
-        a few short replies per client) and reads each row's last real position."""
+        a few short replies per client) and reads each row's last real position. ``step_logits(ids,
+        mask, last)`` -> (N, vocab), the next-token logits at positions ``last``, replaces the single
+        model under ``tensors`` for a strategy whose prediction mixes several (its first call sees
+        exactly the prompts)."""
         prompts = [self.chat.prompt_ids(ex["context"]) for ex in examples]
         n = len(prompts)
         if n == 0:
@@ -259,8 +283,11 @@ class PeftCausalLM(nn.Module):
         rows = torch.arange(n)
         for _ in range(max_new_tokens):
             cur = int(lengths.max())
-            h = self.hidden(ids[:, :cur], mask[:, :cur], tensors)[rows.to(self.device), (lengths - 1).to(self.device)]
-            tok = self.lm_head(h).argmax(-1).cpu()
+            if step_logits is not None:
+                tok = step_logits(ids[:, :cur], mask[:, :cur], lengths - 1).argmax(-1).cpu()
+            else:
+                h = self.hidden(ids[:, :cur], mask[:, :cur], tensors)[rows.to(self.device), (lengths - 1).to(self.device)]
+                tok = self.lm_head(h).argmax(-1).cpu()
             for i in range(n):
                 if done[i]:
                     continue
