@@ -121,7 +121,6 @@ SLOW_TESTS = {
     "test_sweep.py::test_smoke_grid_writes_results_and_resumes": "~7 CPU s",
     "test_sweep.py::test_benchmark_grid_is_valid": "~4.2 CPU s",
     "test_sweep.py::test_a_changed_finished_cell_is_refused_and_runs_csv_keeps_every_finished_cell": "~4.5 CPU s",
-    "test_strategy_semantics.py::test_fedper_is_fedvpt_on_a_prompted_backbone": "~4.6 CPU s",
     "test_strategy_semantics.py::test_fedavg_full_trains_the_backbone_and_refuses_large_ones": "~3.4 CPU s",
     "test_llm_sweep.py::test_llm_grid_reports_perplexity_with_cis_and_both_references": "~17 CPU s (3 LLM cells)",
     # test_llm_run.py: the fast tier keeps the HF-equivalence check (one zero-shot run, ~6 CPU s)
