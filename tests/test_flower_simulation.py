@@ -25,7 +25,7 @@ def majority_label_accuracy(overrides: list[str]) -> float:
 def test_one_flower_round_computes_what_the_inprocess_engine_computes(tmp_path):
     """The fast tier's Flower run: one round of two clients through Ray and real Flower messages, the same
     per-client losses as the in-process engine."""
-    kw = {"run.num_clients": 2, "run.clients_per_round": 2, "run.rounds": 1, "run.num_cpus_per_client": 2}
+    kw = {"run.num_clients": 2, "run.clients_per_round": 2, "run.rounds": 1, "run.num_cpus_per_client": 1}
     for engine in ("flower", "inprocess"):
         assert simulate.main(tiny_overrides(tmp_path / engine, **{**kw, "run.engine": engine})) == 0
     summary = json.loads((tmp_path / "flower" / "summary.json").read_text())
