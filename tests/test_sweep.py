@@ -88,6 +88,14 @@ def test_bad_grid_names_the_field(tmp_path):
     assert sweep.main([str(bad), "--dry-run"]) == 2
     bad.write_text("strategies: [fedavg, local]\npartitions: {p: {}}\nreference: local\n")
     assert sweep.load_grid(bad)[1] and sweep.grid_reference(bad) == "local"
+    # a select group's label may be the reference (its rows are the validation-chosen variant's)
+    bad.write_text("strategies: [local, {a: {strategy.name: fedavg}}, {b: {strategy.name: fedvpt}}]\n"
+                   "partitions: {p: {}}\nselect: {g: [a, b]}\nreference: [local, g]\n")
+    assert sweep.load_grid(bad)[1] and sweep.grid_reference(bad) == ["local", "g"]
+    bad.write_text("strategies: [local, {a: {strategy.name: fedavg}}, {b: {strategy.name: fedvpt}}]\n"
+                   "partitions: {p: {}}\nselect: {g: [a, b]}\nreference: h\n")
+    with pytest.raises(ConfigError, match="grid.reference.*local, a, b, g"):
+        sweep.load_grid(bad)
 
 
 def test_nest_merges_dotted_and_nested_keys():

@@ -179,3 +179,18 @@ def test_learning_curves_average_each_strategys_rounds_over_seeds(tmp_path):
     assert x.tolist() == [1, 2, 3]  # the rounds every seed reached
     assert np.allclose(mean, [0.3, 0.5, 0.65]) and np.allclose(lo, [0.2, 0.4, 0.6]) and np.allclose(hi, [0.4, 0.6, 0.7])
     assert [p.name for p in plot_curves(rows, tmp_path / "plots")] == ["curves_accuracy.png"]
+
+
+def test_a_select_group_as_reference_marks_its_own_variant_instead_of_a_zero_difference(tmp_path):
+    from fedpers.sweep.stats import sections
+
+    rows = []
+    for seed in (0, 1):  # a wins on validation, so the group's cells are a's: a - gen is 0 by construction
+        rows += [_cell(tmp_path, "p", "a", seed, 0.80, 0.60), _cell(tmp_path, "p", "b", seed, 0.70, 0.90),
+                 _cell(tmp_path, "p", "local", seed, None, 0.50)]
+    chosen, _ = selected_rows(rows, {"gen": ["a", "b"]})
+    text = "\n".join(sections(rows + chosen, reference=["local", "gen"]))
+    to_gen = text.split("paired difference to gen")[1]
+    assert "| a | selected |" in to_gen and "| b | **+30.0" in to_gen and "| local | **-10.0" in to_gen
+    to_local = text.split("paired difference to local")[1].split("paired difference to gen")[0]
+    assert "| a | **+10.0" in to_local and "selected" not in to_local

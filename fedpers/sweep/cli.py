@@ -185,13 +185,14 @@ def load_grid(path: str | Path, extra_base: list[str] | None = None, only: dict[
         _merge(base, nest(OmegaConf.to_container(OmegaConf.from_dotlist([item]))))
     strategies = _named(raw.get("strategies"), "grid.strategies", lambda n: {"strategy.name": n})
     partitions = _named(raw.get("partitions"), "grid.partitions", lambda n: {})
+    groups = parse_select(raw.get("select"), list(strategies))  # checked here, applied by the report
     reference = raw.get("reference")
     refs = reference if isinstance(reference, list) else [reference]
-    bad = [r for r in refs if r not in strategies]
+    allowed = list(strategies) + list(groups)  # a select group's label names its validation-chosen variant
+    bad = [r for r in refs if r not in allowed]
     if reference is not None and (bad or not refs):  # unset: pfedpg, if the grid has it
         raise ConfigError("grid.reference", f"{bad[0] if bad else reference!r} is not one of the grid's strategy "
-                                            f"labels: {', '.join(strategies)}")
-    parse_select(raw.get("select"), list(strategies))  # checked here, applied by the report
+                                            f"or select-group labels: {', '.join(allowed)}")
     axis = parse_axis(raw.get("axis"))
     seeds = raw.get("seeds") or [0]
     if not all(isinstance(s, int) for s in seeds):

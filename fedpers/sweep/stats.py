@@ -162,6 +162,13 @@ def _references(reference: str | list[str]) -> list[str]:
     return [reference] if isinstance(reference, str) else list(reference)
 
 
+def _selected(rows: list[dict], reference: str) -> dict[str, str]:
+    """Partition -> the variant a ``select`` group chose there, when ``reference`` is such a group: that
+    variant's cells are the reference's own, so its paired difference is 0 by construction."""
+    return {r["partition"]: r["selected_variant"] for r in rows
+            if r.get("strategy") == reference and r.get("selected_variant")}
+
+
 def sections(rows: list[dict], reference: str | list[str] = REFERENCE) -> list[str]:
     """Markdown sections for table.md, per metric (:func:`metrics_of`): mean and worst-10% with 95% CIs,
     and the paired differences to each reference."""
@@ -211,11 +218,17 @@ def _metric_sections(rows: list[dict], references: list[str], metric: Metric) ->
                   (f"strategy − {reference} on the same seeds, partitions and clients: estimate [95% CI]. "
                    f"**Bold** with * = the CI excludes 0.{better}"), "",
                   "| strategy | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
+        chosen = _selected(rows, reference)
+        if chosen:
+            lines[-4] += " \"selected\": the variant whose cells are the reference's in that setting."
         for s in strats:
             if s == reference:
                 continue
             cols = []
             for p in parts:
+                if chosen.get(p) == s:
+                    cols.append("selected")
+                    continue
                 d = paired(cells[(p, s)], cells[(p, reference)]) if (p, s) in cells and (p, reference) in cells else None
                 text = "–" if d is None else _ci(d["diff"], signed=True, scale=metric.scale)
                 cols.append(f"**{text}** *" if d is not None and d["significant"] else text)
@@ -276,8 +289,12 @@ def _plot_metric(rows: list[dict], out: Path, references: list[str], metric: Met
             continue
         fig, axes = plt.subplots(1, len(parts), figsize=(3 * len(parts), 0.35 * len(others) + 1.8), sharey=True,
                                  squeeze=False)
+        chosen = _selected(rows, reference)
         for ax, p in zip(axes[0], parts):
             for i, s in enumerate(others):
+                if chosen.get(p) == s:  # the reference's own cells
+                    ax.plot(0, i, marker="s", mfc="none", color="0.4")
+                    continue
                 d = paired(cells[(p, s)], cells[(p, reference)]) if (p, s) in cells and (p, reference) in cells else None
                 if d is None:
                     continue
@@ -292,7 +309,8 @@ def _plot_metric(rows: list[dict], out: Path, references: list[str], metric: Met
         axes[0][0].set_yticks(range(len(others)), others)
         axes[0][0].invert_yaxis()
         fig.suptitle(f"{metric.title.capitalize()}: paired difference to {reference}, 95% CI bars "
-                     "(red: the CI excludes 0)", fontsize=9)
+                     "(red: the CI excludes 0)" + ("; hollow square: the variant selected as the reference"
+                                                   if chosen else ""), fontsize=9)
         fig.tight_layout()
         suffix = ("" if metric.name == "accuracy" else f"_{metric.name}") + ("" if n == 0 else f"_{reference}")
         fig.savefig(out / f"paired_diff{suffix}.png", dpi=120)
