@@ -150,7 +150,7 @@ def make_context(cfg: ExperimentConfig, partition_id: int, server_round: int,
         data = fed.clients[partition_id]
     s = client_setup(cfg)
     if cfg.model.modality == "llm":  # the frozen LLM runs on run.device (client tensors stay on the CPU)
-        s.model.place(cfg.run.device)
+        s.model.place(cfg.run.device, cfg.run.cache_mb if cfg.run.cache else 0.0)
     return ClientContext(cfg, partition_id, server_round, data, s.model, s.num_classes, s.shapes)
 
 

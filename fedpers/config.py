@@ -85,7 +85,8 @@ class LlmModelConfig:
     context_tokens: int = 96  # llm: prompt budget in tokens (chat template and system prompt included); the most recent whole turns that fit are kept
     target_tokens: int = 32  # llm: reply budget in tokens (end-of-turn token included); longer replies are cut
     system_prompt: str = "You are a helpful assistant."  # llm: the system turn of every example (a short one: a template's own default can cost tens of tokens)
-    lora_from_layer: int = 0  # llm: LoRA only on decoder layers >= L, the frozen layers below computed once per batch and cached (0 = every layer)
+    adapter_from_layer: int = 0  # llm: the adapter acts from decoder layer L up (LoRA on layers >= L; soft prompts prepended to the hidden states entering layer L, late prompts); the frozen layers below run once per example and are cached exactly within run.cache_mb (0 = from the input; prefix tuning needs 0)
+    lora_from_layer: int = 0  # llm: the older, LoRA-only name of adapter_from_layer (read when adapter_from_layer is 0)
     generations: int = 3  # llm: greedy replies to this many test examples per client written to <output_dir>/generations/ after the last round (0 = none)
     max_new_tokens: int = 32  # llm: longest generated reply
 
@@ -344,6 +345,12 @@ def check_fields(cfg: ExperimentConfig) -> None:
         _require(lm.lora_from_layer >= 0, "model.llm.lora_from_layer", f"must be >= 0, got {lm.lora_from_layer}")
         _require(lm.lora_from_layer == 0 or m.adapter == "lora", "model.llm.lora_from_layer",
                  f"restricts LoRA to the top layers: needs model.adapter=lora, not {m.adapter!r}")
+        _require(lm.adapter_from_layer >= 0, "model.llm.adapter_from_layer", f"must be >= 0, got {lm.adapter_from_layer}")
+        _require(lm.adapter_from_layer == 0 or m.adapter in ("lora", "prompt"), "model.llm.adapter_from_layer",
+                 f"needs model.adapter=lora or prompt (a prefix acts in every layer), not {m.adapter!r}")
+        _require(lm.adapter_from_layer == 0 or lm.lora_from_layer in (0, lm.adapter_from_layer),
+                 "model.llm.lora_from_layer", f"is {lm.lora_from_layer} but model.llm.adapter_from_layer is "
+                 f"{lm.adapter_from_layer}; set one of them")
         _require(lm.generations >= 0, "model.llm.generations", f"must be >= 0, got {lm.generations}")
         _require(lm.max_new_tokens >= 1, "model.llm.max_new_tokens", f"must be >= 1, got {lm.max_new_tokens}")
         _require(not r.batch_clients, "run.batch_clients",

@@ -299,7 +299,7 @@ class PFedMoAP(Averaging):
                     h, k = torch.zeros_like(own), torch.zeros_like(own_ctx)
                 hs.append(h)
                 keys.append(k)
-        query = model.frozen_states(batch.ids, batch.mask, batch.prompt_lengths - 1)
+        query = model.frozen_batch_states(batch)  # through the frozen-layer cache when prompts enter late
         g = gate(query, torch.stack(keys, 1), mask, t, float(c.scaling))  # (N, K+1), one row per reply
         row = batch.target[:, 1:].nonzero(as_tuple=True)[0].to(own.device)  # the reply of each target position
         mixed = torch.einsum("me,emd->md", g[row], torch.stack(hs))

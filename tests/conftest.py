@@ -160,6 +160,7 @@ SLOW_TESTS = {
     "test_llm_strategies.py::test_feddpa_runs_on_llm_and_keeps_the_local_adapter_home": "33-45 s wall on the shared 2-core VM (2 LLM rounds, per-reply evaluation)",
     "test_deployment.py::test_llm_round_over_tls_supernodes_matches_the_fast_engine": "~150 s wall (TLS SuperLink, 2 SuperNodes, 1 LLM round); the module is marked slow too",
     "test_llm_strategies.py::test_pfedmoap_runs_on_llm_with_soft_prompt_experts": "10-42 s wall on the shared 2-core VM (2 LLM rounds, K+2 passes)",
+    "test_llm_strategies.py::test_late_prompt_runs_are_the_same_with_the_cache_on_or_off": "~30 s wall under load (two 2-round pFedMoAP runs)",
 }
 # The strategy conformance suite runs every registered strategy in the full tier; the fast tier keeps the
 # reference algorithm and its main baseline (each case costs 5-11 CPU s, its determinism rerun 5 more).

@@ -147,17 +147,20 @@ def test_lora_fold_residual_is_added_to_the_frozen_weight_for_one_call_only(mode
     assert torch.equal(weight, before)
 
 
-def test_lora_from_layer_caches_the_frozen_layers_below_exactly():
-    m = tiny_model("lora", layers=3, lora_from_layer=2)
+def test_adapter_from_layer_caches_the_frozen_layers_below_exactly():
+    m = tiny_model("lora", layers=3, adapter_from_layer=2)
     assert {k.split(".")[2] for k in m.tensor_shapes()} == {"2"}  # LoRA on the top layer only
     batch = m.prepare(EXAMPLES)
-    tensors = random_tensors(m, seed=6)
+    module = "model.layers.2.self_attn.q_proj"  # and a folded residual there (FedEx-LoRA), as the run sees it
+    weight = m.peft.get_parameter(f"base_model.model.{module}.base_layer.weight")
+    tensors = {**random_tensors(m, seed=6), f"{module}.fold.weight": 0.2 * torch.randn_like(weight)}
     for rows in ([0, 2], [1], [2, 1, 0]):
         part = batch.select(rows)
         cached = m.batch_hidden(part, tensors)
-        plain = m.hidden(part.ids, part.mask, tensors)  # peft's own forward through every layer
-        torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
-    assert (m.split.misses, m.split.hits) == (1, 2)  # layers 0-1 ran once for the prepared batch
+        plain = m._peft_hidden(part.ids, part.mask, tensors)  # peft's own forward through every layer
+        real = part.mask.bool()  # padding is never read (right padding, causal attention)
+        torch.testing.assert_close(cached[real], plain[real], atol=1e-5, rtol=0)
+    assert (m.split.misses, m.split.hits) == (1, 2)  # layers 0-1 ran once for the prepared list
     # and gradients are those of the uncached forward
     grads = []
     for fn in (lambda t: m.lm_loss(batch.select([0, 1]), t),
@@ -167,10 +170,81 @@ def test_lora_from_layer_caches_the_frozen_layers_below_exactly():
         grads.append({k: v.grad for k, v in t.items()})
     for k in tensors:
         torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-5, rtol=1e-4)
-    with pytest.raises(BackboneError, match="adapter=lora"):
-        tiny_model("prompt", lora_from_layer=1)
+    with pytest.raises(BackboneError, match="adapter=lora or prompt"):
+        tiny_model("prefix", adapter_from_layer=1)
     with pytest.raises(BackboneError, match="must be in 1..1"):
-        tiny_model("lora", lora_from_layer=2)
+        tiny_model("lora", adapter_from_layer=2)
+
+
+def test_late_prompts_enter_at_layer_l_as_transformers_runs_the_upper_layers():
+    """Reference: transformers' own forward of a model cut to layers L.., fed [prompts; hidden states
+    entering layer L] as inputs_embeds (its own causal mask, rotary positions 0..K+T-1 and final norm)."""
+    import copy
+
+    m = tiny_model("prompt", layers=3, adapter_from_layer=2)
+    assert m.late_prompts and set(m.tensor_shapes()) == {"prompts"}
+    batch = m.prepare(EXAMPLES)
+    tensors = random_tensors(m, seed=8, scale=1.0)
+    ours = m.batch_hidden(batch, tensors)
+    with torch.no_grad():
+        below = m.base(input_ids=batch.ids, attention_mask=batch.mask, output_hidden_states=True).hidden_states[2]
+        top = copy.deepcopy(m.base.get_decoder())
+        top.layers = top.layers[2:]
+        top.config.num_hidden_layers = 1
+        p = tensors["prompts"].unsqueeze(0).expand(len(batch), -1, -1)
+        ref = top(inputs_embeds=torch.cat([p, below], 1),
+                  attention_mask=torch.cat([torch.ones(len(batch), 3, dtype=torch.long), batch.mask], 1),
+                  use_cache=False).last_hidden_state[:, 3:]
+    real = batch.mask.bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-4)
+    # the prompts act (other prompts, other states) but only from layer L: the states entering it are theirs
+    other = m.batch_hidden(batch, random_tensors(m, seed=9, scale=1.0))
+    assert not torch.allclose(other[real], ours[real], atol=1e-3)
+    # their gradient is that of the uncached computation, and a step of SGD lowers the loss
+    t = {k: v.clone().requires_grad_(True) for k, v in tensors.items()}
+    loss = m.lm_loss(batch, t)
+    loss.backward()
+    assert float(t["prompts"].grad.abs().sum()) > 0
+    with torch.no_grad():
+        assert float(m.lm_loss(batch, {"prompts": t["prompts"] - 0.5 * t["prompts"].grad})) < float(loss)
+    # generation goes through the same late prompts: its first token is the argmax after the prompt
+    ids = torch.tensor([m.chat.prompt_ids(EXAMPLES[1]["context"])])
+    first = int(m.lm_head(m.hidden(ids, torch.ones_like(ids), tensors))[0, -1].argmax())
+    reply = m.generate([EXAMPLES[1]], tensors, max_new_tokens=1)[0]
+    assert reply == ("" if first in m.stop_ids else m.tokenizer.decode([first]).strip())
+    # the frozen model's states (pFedMoAP's gate query) read no prompt, cached or not
+    plain = m.frozen_states(batch.ids, batch.mask, batch.prompt_lengths - 1)
+    torch.testing.assert_close(m.frozen_batch_states(batch), plain, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        own = m.base.get_decoder()(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
+    torch.testing.assert_close(plain, own[torch.arange(len(batch)), batch.prompt_lengths - 1], atol=1e-5, rtol=1e-4)
+
+
+def test_the_frozen_rows_are_shared_across_lists_and_models_of_one_backbone():
+    from fedpers.models import llm_split
+
+    tok = tiny_tokenizer()
+    share = f"test-{time.time()}"
+    lora = PeftCausalLM(tiny_llama(len(tok), layers=3), tok, "lora", num_prompts=3, r=4, alpha=8.0,
+                        context_tokens=40, target_tokens=8, system_prompt=SYSTEM, adapter_from_layer=2, share=share)
+    prompt = PeftCausalLM(tiny_llama(len(tok), layers=3), tok, "prompt", num_prompts=3, r=4, alpha=8.0,
+                          context_tokens=40, target_tokens=8, system_prompt=SYSTEM, adapter_from_layer=2, share=share)
+    assert lora.split.store is prompt.split.store is llm_split._SHARED[(share, 2)]
+    lora.batch_hidden(lora.prepare(EXAMPLES), random_tensors(lora))
+    assert (lora.split.misses, len(lora.split.store.rows)) == (1, 3)
+    # another list holding two of the same examples, in another order, on the other model: no new rows
+    again = prompt.prepare([EXAMPLES[2], EXAMPLES[0]])
+    tensors = random_tensors(prompt, seed=3)
+    cached = prompt.batch_hidden(again.select([1, 0]), tensors)
+    assert (prompt.split.misses, prompt.split.hits, len(prompt.split.store.rows)) == (0, 1, 3)
+    sub = again.select([1, 0])
+    real = sub.mask.bool()
+    torch.testing.assert_close(cached[real], prompt.hidden(sub.ids, sub.mask, tensors)[real], atol=1e-5, rtol=1e-4)
+    # a budget too small for one row: every batch is computed, nothing kept, results unchanged
+    prompt.place("cpu", cache_mb=0.0)
+    assert len(prompt.split.store.rows) == 0
+    torch.testing.assert_close(prompt.batch_hidden(again.select([1, 0]), tensors), cached, atol=1e-5, rtol=1e-4)
+    assert len(prompt.split.store.rows) == 0
 
 
 # ---- inputs and budgets -------------------------------------------------------------------------------

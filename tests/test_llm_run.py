@@ -133,6 +133,8 @@ def _refused(tmp_path, *overrides):
     (("data.dialogue.min_utterances=100000",), "data.dialogue.min_utterances"),
     (("run.batch_clients=true", "run.engine=fast"), "run.batch_clients"),
     (("client.optimizer=adam",), "client.optimizer"),
+    (("model.adapter=prefix", "model.llm.adapter_from_layer=1"), "model.llm.adapter_from_layer"),
+    (("model.llm.adapter_from_layer=99",), "adapter_from_layer"),
 ])
 def test_bad_llm_configs_exit_2_naming_the_field_before_any_run(tmp_path, overrides, field):
     rc, err = _refused(tmp_path, *overrides)

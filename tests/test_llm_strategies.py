@@ -247,3 +247,23 @@ def test_pfedmoap_llm_generation_decodes_from_the_scored_mixture(tmp_path, monke
     starts = torch.cat([torch.zeros(1, dtype=torch.long), batch.target[:, 1:].sum(1).cumsum(0)[:-1]])
     torch.testing.assert_close(first.float(), scored[starts], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(scored[starts], own[starts], atol=1e-2)
+
+
+# --- adapters from layer L: the frozen layers below cached, end to end ----------------------------------
+
+
+def test_late_prompt_runs_are_the_same_with_the_cache_on_or_off(tmp_path):
+    """Late prompts through pFedMoAP (own prompt, other speakers' prompts as experts, the gate's query from
+    the frozen model): a run whose frozen layers come from the cache equals one that recomputes them for
+    every batch (run.cache=false), speaker by speaker."""
+    finals = []
+    for cache in ("true", "false"):
+        cfg = load_config(None, llm_tiny_overrides(
+            tmp_path / cache, "prompt", **{"strategy.name": "pfedmoap", "strategy.num_experts": 2, "run.rounds": 2,
+                                           "model.llm.generations": 0,
+                                          "model.llm.adapter_from_layer": 1, "run.cache": cache}))
+        finals.append(run_server(cfg, Spy(cfg), build_strategy(cfg))["final"]["per_client_loss"])
+    assert finals[0].keys() == finals[1].keys() and len(finals[0]) == 4
+    for k in finals[0]:
+        assert finals[0][k] == pytest.approx(finals[1][k], rel=1e-4)
+    assert len(set(finals[0].values())) > 1

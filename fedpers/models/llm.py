@@ -26,9 +26,14 @@ Use::
     nll, n, correct = model.token_stats(batch, tensors)  # perplexity exp(nll / n), accuracy correct / n
     replies = model.generate(examples[:3], tensors, max_new_tokens=32)
 
-With ``lora_from_layer=L`` LoRA adapts layers >= L only and the frozen layers below run once per
-prepared batch (:mod:`fedpers.models.llm_split`); select training batches from ``prepare``'s result
-with ``select`` / ``by_length`` so they share that cache.
+With ``adapter_from_layer=L`` the adapter acts from layer L up: LoRA adapts layers >= L only, or the
+soft prompts enter the hidden states at layer L instead of the embeddings ("late" prompts, the
+insertion point of Late Prompt Tuning, Liu et al., Findings of EMNLP 2022, section 3: the K vectors are
+prepended to the sequence entering layer L; the real tokens below never see them). Either way the
+frozen layers below run once per example (:mod:`fedpers.models.llm_split`); select training batches
+from ``prepare``'s result with ``select`` / ``by_length`` so they share that cache. In the layers above,
+a late prompt takes positions 0..K-1 and the tokens K.. (rotary attention reads only the distance
+between positions, so the tokens' geometry among themselves is the one below).
 """
 
 from __future__ import annotations
@@ -91,8 +96,8 @@ class PeftCausalLM(nn.Module):
     def __init__(self, base: nn.Module, tokenizer, adapter: str, num_prompts: int = 10, r: int = 8,
                  alpha: float = 16.0, targets: tuple[str, ...] | None = None,
                  context_tokens: int = DEFAULT_CONTEXT_TOKENS, target_tokens: int = DEFAULT_TARGET_TOKENS,
-                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, lora_from_layer: int = 0,
-                 cache_mb: float = 1024.0):
+                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, adapter_from_layer: int = 0,
+                 cache_mb: float = 1024.0, share: str | None = None):
         from peft import get_peft_model
 
         super().__init__()
@@ -103,10 +108,15 @@ class PeftCausalLM(nn.Module):
         self.tokenizer = tokenizer
         self.chat = ChatFormat(tokenizer, context_tokens, target_tokens, system_prompt)
         layers = None
-        if lora_from_layer:
-            if adapter != "lora":
-                raise BackboneError(f"llm.lora_from_layer={lora_from_layer} needs model.adapter=lora, not {adapter!r}")
-            layers = list(range(lora_from_layer, int(base.config.get_text_config().num_hidden_layers)))
+        depth = int(base.config.get_text_config().num_hidden_layers)
+        if adapter_from_layer:
+            if adapter not in ("lora", "prompt"):
+                raise BackboneError(f"llm.adapter_from_layer={adapter_from_layer} needs model.adapter=lora or prompt, "
+                                    f"not {adapter!r} (a prefix acts in every layer)")
+            if not 0 < adapter_from_layer < depth:
+                raise BackboneError(f"llm.adapter_from_layer must be in 1..{depth - 1}, got {adapter_from_layer}")
+            if adapter == "lora":
+                layers = list(range(adapter_from_layer, depth))
         try:
             with warnings.catch_warnings():  # peft asks transformers a deprecated gradient-checkpointing question
                 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -121,15 +131,21 @@ class PeftCausalLM(nn.Module):
         self._keep = {"logits_to_keep": 1} if keep else {}  # the head's own projection: one position
         self._param_of = self._map_names()
         self._cache: dict[int, tuple[list, PreparedBatch]] = {}
-        # LoRA on layers >= L only: the frozen layers below run once per prepared batch (llm_split)
-        self.split = LayerSplit(base.get_decoder(), lora_from_layer, cache_mb) if lora_from_layer else None
+        # the adapter from layer L up: the frozen layers below run once per example (llm_split)
+        self.split = (LayerSplit(base.get_decoder(), adapter_from_layer, cache_mb, share)
+                      if adapter_from_layer else None)
+        self.late_prompts = self.split is not None and adapter == "prompt"
         self.device = torch.device("cpu")
         self._check_projection()
 
-    def place(self, device: str | torch.device) -> PeftCausalLM:
+    def place(self, device: str | torch.device, cache_mb: float | None = None) -> PeftCausalLM:
         """Run the frozen model on ``device`` (``run.device``: cpu | cuda | cuda:N). Client tensors stay
         where the client keeps them (CPU, float32) and are copied in per call, so gradients reach them
-        unchanged; batches are copied in per call too. Cached frozen activations are dropped."""
+        unchanged; batches are copied in per call too. Cached frozen activations are dropped when the
+        device changes. ``cache_mb`` (``run.cache_mb``, 0 with ``run.cache=false``) bounds the cache of
+        the frozen layers below ``adapter_from_layer``."""
+        if cache_mb is not None and self.split is not None:
+            self.split.set_budget(cache_mb)
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackboneError(f"run.device={str(device)!r} but torch sees no CUDA device; use run.device=cpu")
@@ -181,7 +197,14 @@ class PeftCausalLM(nn.Module):
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """(N, T) ids and mask -> (N, T, hidden) final hidden states of the real tokens: position t
         predicts token t + 1. Prompt tuning's virtual tokens (prepended by peft) are dropped; prefix
-        tuning's live in the key/value cache and never appear here."""
+        tuning's live in the key/value cache and never appear here. With adapter_from_layer, the layers
+        below L run here too (uncached: for inputs that are not prepared lists, such as generation)."""
+        if self.split is not None:
+            return self._upper(self.split.frozen(ids, mask), mask.to(self.device), tensors)
+        return self._peft_hidden(ids, mask, tensors)
+
+    def _peft_hidden(self, ids: torch.Tensor, mask: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """peft's own forward through every layer, the decoder's output captured."""
         from torch.func import functional_call
 
         captured = []
@@ -205,15 +228,30 @@ class PeftCausalLM(nn.Module):
         return h
 
     def batch_hidden(self, batch: PreparedBatch, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """:meth:`hidden` of a prepared batch, through the frozen-layer cache when LoRA starts at layer L."""
+        """:meth:`hidden` of a prepared batch, through the frozen-layer cache when the adapter starts at
+        layer L."""
         if self.split is None:
             return self.hidden(batch.ids, batch.mask, tensors)
+        return self._upper(self.split.below(batch), batch.mask.to(self.device), tensors)
+
+    def _upper(self, below: torch.Tensor, mask: torch.Tensor, tensors: dict[str, torch.Tensor] | None) -> torch.Tensor:
+        """Layers L.. and the final norm on the hidden states entering layer L, under the client's
+        adapter (``tensors=None``: the frozen model alone). Late prompts are prepended here and their
+        positions dropped from the output; LoRA runs inside the layers' projections."""
         from torch.func import functional_call
 
         split = self.split
+        if tensors is None:
+            with self.peft.disable_adapter():
+                return split.run(below, mask, split.start, split.depth)
+        if self.late_prompts:
+            p = tensors["prompts"].to(self.device, below.dtype)
+            n, k = below.shape[0], p.shape[0]
+            h = torch.cat([p.unsqueeze(0).expand(n, -1, -1), below], dim=1)
+            return split.run(h, torch.cat([mask.new_ones((n, k)), mask], dim=1), split.start, split.depth)[:, k:]
         params = {"peft." + k: v for k, v in self._params(tensors).items()}
-        upper = Call(self.peft, lambda h, mask: split.run(h, mask, split.start, split.depth))
-        return functional_call(upper, params, (split.below(batch), batch.mask.to(self.device)), strict=False)
+        upper = Call(self.peft, lambda h, m: split.run(h, m, split.start, split.depth))
+        return functional_call(upper, params, (below, mask), strict=False)
 
     def _target_logits(self, batch: PreparedBatch, tensors) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the positions predicting target tokens only, and those tokens: (M, V), (M,)."""
@@ -243,11 +281,23 @@ class PeftCausalLM(nn.Module):
         """(N, hidden) final hidden state of row i at ``positions[i]`` under the frozen model alone: no soft
         prompt, no prefix, no LoRA (the decoder called directly, peft's adapter layers off). With
         ``positions = batch.prompt_lengths - 1``: each row's last context token."""
-        with self.peft.disable_adapter():
-            out = self.base.get_decoder()(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                          use_cache=False)
-        h = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        if self.split is not None:
+            h = self._upper(self.split.frozen(ids, mask), mask.to(self.device), None)
+        else:
+            with self.peft.disable_adapter():
+                out = self.base.get_decoder()(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                              use_cache=False)
+            h = out[0] if isinstance(out, tuple) else out.last_hidden_state
         return h[torch.arange(h.shape[0], device=h.device), positions.to(h.device)]
+
+    @torch.no_grad()
+    def frozen_batch_states(self, batch: PreparedBatch) -> torch.Tensor:
+        """:meth:`frozen_states` at each row's last context token, through the frozen-layer cache when
+        the adapter starts at layer L."""
+        if self.split is None:
+            return self.frozen_states(batch.ids, batch.mask, batch.prompt_lengths - 1)
+        h = self._upper(self.split.below(batch), batch.mask.to(self.device), None)
+        return h[torch.arange(h.shape[0], device=h.device), (batch.prompt_lengths - 1).to(h.device)]
 
     @torch.no_grad()
     def token_stats(self, batch: PreparedBatch, tensors: dict[str, torch.Tensor]) -> tuple[float, int, int]:
@@ -313,27 +363,29 @@ class PeftCausalLM(nn.Module):
             out = functional_call(self.peft, self._params(tensors), (),
                                   {"input_ids": probe.ids, "attention_mask": probe.mask}, strict=False)
             full = out.logits[:, self.num_virtual if self.adapter == "prompt" else 0:].float()
-            ours = self.lm_head(self.hidden(probe.ids, probe.mask, tensors)).float()
+            ours = self.lm_head(self._peft_hidden(probe.ids, probe.mask, tensors)).float()
         if full.shape != ours.shape or not torch.allclose(full, ours, atol=1e-4, rtol=1e-4):
             raise BackboneError(f"model.backbone: {type(self.base).__name__}'s logits are not lm_head(decoder "
                                 "output); target-only projection would score it wrongly")
-        if self.split is not None:
+        if self.split is not None:  # cached layers below + the upper run == the frozen model's own forward
+            with torch.no_grad(), self.peft.disable_adapter():
+                own = self.base(input_ids=probe.ids, attention_mask=probe.mask, use_cache=False).logits.float()
             with torch.no_grad():
-                split = self.lm_head(self.batch_hidden(probe, tensors)).float()
-            self.split.clear()
-            if not torch.allclose(full, split, atol=1e-4, rtol=1e-4):
-                raise BackboneError(f"llm.lora_from_layer: {type(self.base).__name__}'s layers do not run like a "
-                                    "Llama-style decoder; the frozen-layer cache would change its output")
+                split = self.lm_head(self._upper(self.split.frozen(probe.ids, probe.mask), probe.mask, None)).float()
+            if not torch.allclose(own, split, atol=1e-4, rtol=1e-4):
+                raise BackboneError(f"llm.adapter_from_layer: {type(self.base).__name__}'s layers do not run like "
+                                    "a Llama-style decoder; the frozen-layer cache would change its output")
 
 
 @functools.lru_cache(maxsize=2)
 def load_llm(backbone: str, adapter: str, num_prompts: int, r: int, alpha: float, targets: tuple[str, ...] | None,
              context_tokens: int = DEFAULT_CONTEXT_TOKENS, target_tokens: int = DEFAULT_TARGET_TOKENS,
-             system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, lora_from_layer: int = 0) -> PeftCausalLM:
-    """One frozen model per process and adapter configuration."""
+             system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, adapter_from_layer: int = 0) -> PeftCausalLM:
+    """One frozen model per process and adapter configuration; models on one backbone share the cache of
+    the frozen layers below ``adapter_from_layer``."""
     base, tokenizer = load_causal_lm(backbone)
     return PeftCausalLM(base, tokenizer, adapter, num_prompts, r, alpha, targets, context_tokens, target_tokens,
-                        system_prompt, lora_from_layer)
+                        system_prompt, adapter_from_layer, share=backbone)
 
 
 def llm_model_from_config(m) -> PeftCausalLM:
@@ -346,7 +398,9 @@ def llm_model_from_config(m) -> PeftCausalLM:
     - ``m.llm.context_tokens`` (default 96): prompt budget, system prompt and template included;
     - ``m.llm.target_tokens`` (default 32): reply budget, end-of-turn token included;
     - ``m.llm.system_prompt`` (default ``"You are a helpful assistant."``);
-    - ``m.llm.lora_from_layer`` (default 0): LoRA on layers >= L only, the frozen layers below cached.
+    - ``m.llm.adapter_from_layer`` (default 0): the adapter from layer L up (LoRA on layers >= L, or soft
+      prompts entering at layer L), the frozen layers below cached; ``m.llm.lora_from_layer``, its
+      older LoRA-only name, is read when it is unset.
 
     The ``m.llm`` fields are read with defaults, so a config without an ``llm`` section works.
     """
@@ -357,4 +411,4 @@ def llm_model_from_config(m) -> PeftCausalLM:
                     int(getattr(llm, "context_tokens", DEFAULT_CONTEXT_TOKENS)),
                     int(getattr(llm, "target_tokens", DEFAULT_TARGET_TOKENS)),
                     getattr(llm, "system_prompt", DEFAULT_SYSTEM_PROMPT),
-                    int(getattr(llm, "lora_from_layer", 0)))
+                    int(getattr(llm, "adapter_from_layer", 0) or getattr(llm, "lora_from_layer", 0)))

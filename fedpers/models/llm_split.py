@@ -1,21 +1,29 @@
-"""Exact cache of the frozen layers below a LoRA that starts at layer L (DESIGN.md section 9).
+"""Exact cache of the frozen layers below an adapter that starts at layer L (DESIGN.md section 9).
 
-When LoRA adapts only layers >= L (peft's ``layers_to_transform``), nothing below layer L depends on
-the client's tensors: the hidden states entering layer L are the same in every round and every
-client's every epoch. They are computed once per prepared batch (all its rows, without grad) and
-kept; each training step then runs only layers L.. and the final norm, with the client's tensors.
+When the adapter acts only from layer L up (LoRA on layers >= L through peft's ``layers_to_transform``,
+or soft prompts that enter the hidden states at layer L), nothing below layer L depends on the client's
+tensors: the hidden states entering layer L are the same in every round, for every client and every
+strategy. They are computed once per example (without grad) and kept; each training step then runs only
+layers L.. and the final norm, with the client's tensors.
+
+The store is keyed by each row's real tokens (a hash of its ids up to its length), so it is shared by
+every prepared list that holds the same example: the training caps of several settings, the seeds of a
+sweep, and the models of one process built on the same backbone (``share``: LoRA and soft-prompt cells
+of a grid reuse one another's rows). Rows are kept at their own length, so padding costs no memory; a
+batch is assembled right-padded with zeros, which no real position reads (right padding and causal
+attention).
 
 The run of a span of layers follows the decoder body of Llama-style models (Llama, Mistral, Qwen2,
 SmolLM2...): ``embed_tokens``, ``layers``, ``norm``, ``rotary_emb`` and transformers' own
 ``create_causal_mask``. PeftCausalLM checks once, on a probe, that cached + upper layers equals the
 model's own forward, and refuses the split otherwise, so another architecture can never be scored by
 a silently different computation. Cached and uncached agree to float rounding (the frozen part is
-computed on the prepared batch's full padded width rather than a sub-batch's; right padding and
-causal attention make the real positions' values the same computation).
+computed in chunks of rows of similar length rather than on the training batch's own rows).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
 import torch
@@ -41,19 +49,62 @@ class Call(nn.Module):
         return self.fn(*args)
 
 
+class RowStore:
+    """Least-recently-used hidden states per example row, within a byte budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget = int(budget_bytes)
+        self.rows: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        v = self.rows.get(key)
+        if v is not None:
+            self.rows.move_to_end(key)
+        return v
+
+    def put(self, key: bytes, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.budget or key in self.rows:
+            return
+        while self.rows and self.bytes + size > self.budget:
+            _, old = self.rows.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        self.rows[key] = value
+        self.bytes += size
+
+    def clear(self) -> None:
+        self.rows.clear()
+        self.bytes = 0
+
+
+_SHARED: dict[tuple, RowStore] = {}  # (share key, start layer) -> the process's store for that backbone
+
+
 class LayerSplit:
-    def __init__(self, decoder: nn.Module, start: int, cache_mb: float = 1024.0):
+    def __init__(self, decoder: nn.Module, start: int, cache_mb: float = 1024.0, share: str | None = None):
         missing = [a for a in ("embed_tokens", "layers", "norm", "rotary_emb", "config") if not hasattr(decoder, a)]
         if missing:
-            raise BackboneError(f"llm.lora_from_layer needs a Llama-style decoder; {type(decoder).__name__} "
+            raise BackboneError(f"llm.adapter_from_layer needs a Llama-style decoder; {type(decoder).__name__} "
                                 f"has no {', '.join(missing)}")
         depth = int(decoder.config.num_hidden_layers)
         if not 0 < start < depth:
-            raise BackboneError(f"llm.lora_from_layer must be in 1..{depth - 1}, got {start}")
+            raise BackboneError(f"llm.adapter_from_layer must be in 1..{depth - 1}, got {start}")
         self.decoder, self.start, self.depth = decoder, start, depth
-        self.budget = int(cache_mb * 2**20)
-        self._store: OrderedDict[int, tuple[PreparedBatch, torch.Tensor]] = OrderedDict()
+        budget = int(cache_mb * 2**20)
+        if share is None:
+            self.store = RowStore(budget)
+        else:
+            self.store = _SHARED.setdefault((share, start), RowStore(budget))
+            self.store.budget = max(self.store.budget, budget)
+        self._keys: OrderedDict[int, tuple[PreparedBatch, list[bytes]]] = OrderedDict()
         self.hits = self.misses = 0
+
+    def set_budget(self, cache_mb: float) -> None:
+        self.store.budget = int(cache_mb * 2**20)
+        while self.store.rows and self.store.bytes > self.store.budget:
+            _, old = self.store.rows.popitem(last=False)
+            self.store.bytes -= old.numel() * old.element_size()
 
     def run(self, h: torch.Tensor, mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Layers ``lo..hi-1`` on hidden states ``h`` (N, T, H); the final norm when ``hi`` is the top."""
@@ -69,33 +120,58 @@ class LayerSplit:
         return dec.norm(h) if hi == self.depth else h
 
     @torch.no_grad()
-    def _frozen(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def frozen(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states entering layer ``start`` for any (N, T) ids and mask, uncached."""
         dec = self.decoder
         dev = dec.embed_tokens.weight.device  # the model's device (run.device); batches live on the CPU
         return torch.cat([self.run(dec.embed_tokens(ids[i:i + CHUNK_ROWS].to(dev)), mask[i:i + CHUNK_ROWS].to(dev),
                                    0, self.start) for i in range(0, len(ids), CHUNK_ROWS)])
 
-    def below(self, batch: PreparedBatch) -> torch.Tensor:
-        """Hidden states entering layer ``start`` for the batch's rows: (N, T, H), from the cache of the
-        prepared batch it was selected from."""
-        parent, rows = batch.source if batch.source is not None else (batch, None)
-        hit = self._store.get(id(parent))
+    def _row_keys(self, parent: PreparedBatch) -> list[bytes]:
+        hit = self._keys.get(id(parent))
         if hit is not None and hit[0] is parent:
-            self._store.move_to_end(id(parent))
+            return hit[1]
+        keys = [hashlib.blake2b(parent.ids[i, : int(n)].numpy().tobytes(), digest_size=16).digest()
+                for i, n in enumerate(parent.lengths)]
+        self._keys[id(parent)] = (parent, keys)  # the batch itself is kept: its id stays unique
+        if len(self._keys) > 4096:  # ad-hoc batches (not selected from a prepared list) come and go
+            self._keys.popitem(last=False)
+        return keys
+
+    def below(self, batch: PreparedBatch) -> torch.Tensor:
+        """Hidden states entering layer ``start`` for the batch's rows: (N, T, H). A row not in the store
+        sends every missing row of the prepared list it was selected from through the frozen layers
+        (in chunks of similar length), so the list's later batches find theirs."""
+        parent, rows = batch.source if batch.source is not None else (batch, None)
+        keys = self._row_keys(parent)
+        idx = list(range(len(parent))) if rows is None else [int(i) for i in rows]
+        got = {i: self.store.get(keys[i]) for i in idx}
+        if all(v is not None for v in got.values()):
             self.hits += 1
-            value = hit[1]
         else:
             self.misses += 1
-            nbytes = parent.ids.numel() * self.decoder.config.hidden_size * 4
-            if nbytes > self.budget:  # too large to keep: compute just these rows
-                return self._frozen(batch.ids, batch.mask)
-            value = self._frozen(parent.ids, parent.mask)
-            while self._store and sum(v.numel() * v.element_size() for _, v in self._store.values()) + nbytes > self.budget:
-                self._store.popitem(last=False)
-            self._store[id(parent)] = (parent, value)  # the batch itself is kept: its id stays unique
-        value = value if rows is None else value[rows.to(value.device)]
-        return value[:, : batch.ids.shape[1]]
+            todo = [i for i in range(len(parent)) if self.store.get(keys[i]) is None]
+            if sum(int(parent.lengths[i]) for i in todo) * self.decoder.config.hidden_size * 4 > self.store.budget:
+                todo = [i for i in idx if got[i] is None]  # the list does not fit: just this batch's rows
+            todo.sort(key=lambda i: int(parent.lengths[i]))
+            for c in range(0, len(todo), CHUNK_ROWS):
+                chunk = todo[c:c + CHUNK_ROWS]
+                sub = parent.select(chunk)
+                h = self.frozen(sub.ids, sub.mask)
+                for j, i in enumerate(chunk):
+                    v = h[j, : int(parent.lengths[i])].clone()
+                    self.store.put(keys[i], v)
+                    if i in got:
+                        got[i] = v
+        width = int(batch.ids.shape[1])
+        first = next(iter(got.values()))
+        out = first.new_zeros((len(idx), width, first.shape[-1]))
+        for r, i in enumerate(idx):
+            v = got[i]
+            out[r, : min(width, v.shape[0])] = v[:width]
+        return out
 
     def clear(self) -> None:
-        self._store.clear()
+        self.store.clear()
+        self._keys.clear()
         self.hits = self.misses = 0
