@@ -76,8 +76,9 @@ def test_llm_part_reports_consistent_figures(tmp_path):
     p9 = json.loads(out.read_text())["P9_llm"]
     assert p9["ratio_vs_bare"] == p9["engine_round_s"] / (p9["bare_train_fwd_bwd_s"] + p9["bare_test_fwd_s"])
     assert p9["train_tokens_per_s_bare"] == p9["train_tokens"] / p9["bare_train_fwd_bwd_s"]
-    lf = p9["lora_from_layer"]
-    assert lf["speedup"] == lf["all_layers_s_per_example"] / lf["top_half_s_per_example"]
+    for adapter in ("lora", "prompt"):
+        lf = p9["adapter_from_layer"][adapter]
+        assert lf["speedup"] == {L: lf["all_layers_s_per_example"] / t for L, t in lf["from_layer_s_per_example"].items()}
     cfg = load_config(None, [*p9["config"], f"run.output_dir={tmp_path / 'x'}"])
     model = client_setup(cfg).model
     fed = build_federated(cfg.data, cfg.run.num_clients, cfg.run.seed)

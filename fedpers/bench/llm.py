@@ -7,8 +7,9 @@ On the frozen causal LM (default ``smollm2-135m-instruct``) and the chitchat spe
   forward (target ``<= 1.25``);
 - ``train_tokens_per_s``: tokens (context + reply, padding excluded) through fwd+bwd per second, bare and
   in the engine's round;
-- ``lora_from_layer``: bare fwd+bwd seconds per example with LoRA on every layer and on the top half only
-  (the frozen bottom half computed once per prepared batch and cached);
+- ``adapter_from_layer``: bare fwd+bwd seconds per example, for LoRA and for soft prompts, with the adapter
+  on every layer (prompts at the input) and from layer L up (LoRA on layers >= L, prompts entering layer
+  L; the frozen layers below computed once per example and cached), L = half and four fifths of the depth;
 - ``memory``: peak RSS of a child process holding the model, the federation of ``--llm-speakers`` speakers
   (default 200) and one full LoRA state per speaker, as the engine's state store holds them (target
   ``<= 3 GB``).
@@ -65,15 +66,17 @@ def bare_llm(cfg, pids: list[int], server_round: int = 2) -> dict[str, float]:
     return {"train_fwd_bwd_s": train, "test_fwd_s": test, "train_tokens": tokens}
 
 
-def per_example_fwd_bwd(cfg, lora_from_layer: int, reps: int = 3) -> float:
-    """Seconds per example of one mini-batch's fwd+bwd with LoRA from ``lora_from_layer`` (0 = all
+def per_example_fwd_bwd(cfg, from_layer: int, reps: int = 3, adapter: str = "lora") -> float:
+    """Seconds per example of one mini-batch's fwd+bwd with the adapter from ``from_layer`` (0 = all
     layers), the frozen layers below cached (warm: the first pass fills the cache and is not timed)."""
     import copy
 
     from fedpers.client import make_context
 
     cfg = copy.deepcopy(cfg)
-    cfg.model.llm.lora_from_layer = lora_from_layer
+    cfg.model.adapter = adapter
+    cfg.model.llm.lora_from_layer = 0
+    cfg.model.llm.adapter_from_layer = from_layer
     ctx = make_context(cfg, 0, 1)
     m = ctx.model
     tensors = {k: v.clone().requires_grad_(True) for k, v in m.read_tensors().items()}
@@ -96,8 +99,13 @@ def p9_llm(quick: bool, tmp: Path, backbone: str, speakers: int) -> dict:
     bare = bare_llm(cfg, last["sampled"])
     bare_all = bare["train_fwd_bwd_s"] + bare["test_fwd_s"]
     depth = _depth(cfg)
-    full = per_example_fwd_bwd(cfg, 0)
-    half = per_example_fwd_bwd(cfg, depth // 2)
+    split = {}
+    starts = sorted({depth // 2, max(1, 4 * depth // 5)})  # the top half, the top fifth (L=24 of 30)
+    for adapter in ("lora", "prompt"):
+        full = per_example_fwd_bwd(cfg, 0, adapter=adapter)
+        upper = {str(L): per_example_fwd_bwd(cfg, L, adapter=adapter) for L in starts}
+        split[adapter] = {"all_layers_s_per_example": full, "from_layer_s_per_example": upper,
+                          "speedup": {L: full / t for L, t in upper.items()}}
     memory = memory_of(backbone, speakers if not quick else 8)
     return {
         "ratio_vs_bare": last["round_time_s"] / bare_all, "target": "<= 1.25",
@@ -105,8 +113,7 @@ def p9_llm(quick: bool, tmp: Path, backbone: str, speakers: int) -> dict:
         "bare_test_fwd_s": bare["test_fwd_s"], "train_tokens": bare["train_tokens"],
         "train_tokens_per_s_bare": bare["train_tokens"] / bare["train_fwd_bwd_s"],
         "train_tokens_per_s_engine_round": bare["train_tokens"] / last["round_time_s"],
-        "lora_from_layer": {"layers": depth, "from_layer": depth // 2, "all_layers_s_per_example": full,
-                            "top_half_s_per_example": half, "speedup": full / half},
+        "adapter_from_layer": {"layers": depth, **split},
         "memory": memory, "memory_target": "peak_rss_mb <= 3072",
         "config": base, "clients": clients,
     }
