@@ -272,3 +272,29 @@ def test_max_test_per_client_caps_the_test_split_only_and_seeded(fed, dataset, p
         got = [json.dumps(x, sort_keys=True) if isinstance(x, dict) else x.numpy().tobytes() for x in c.x_test]
         assert all(g in xs for g in got)  # a subsample of the client's own test split
         assert torch.equal(c.y_test, a.y_test)  # the same for every run with this seed
+
+
+def test_a_speaker_with_one_training_conversation_keeps_it_whole_without_validation(fed, monkeypatch, caplog):
+    """data.val_fraction carves whole conversations; a speaker whose non-test side is one conversation
+    cannot give one away: it trains on all of it, has no validation split, and the run says so."""
+    from fedpers.data import dialogue
+
+    real, calls = dialogue.split_by_conversation, []
+
+    def split(d, rows, fraction, rng):
+        calls.append(len(rows))
+        if len(calls) == 2:  # client 0's validation cut (its test cut is the first call)
+            raise ValueError("a speaker needs examples in at least 2 conversations")
+        return real(d, rows, fraction, rng)
+
+    plain = build_dialogue_federation(chitchat(val_fraction=0.25), NUM_CLIENTS, 0)
+    assert plain.clients[0].x_val  # this speaker has conversations to spare
+    monkeypatch.setattr(dialogue, "split_by_conversation", split)
+    with caplog.at_level("WARNING", logger="fedpers"):
+        out = build_dialogue_federation(chitchat(val_fraction=0.25), NUM_CLIENTS, 0)
+    first, rest = out.clients[0], out.clients[1:]
+    assert first.x_val is None and first.x_train == fed.clients[0].x_train  # every non-test reply trains
+    assert first.x_test == fed.clients[0].x_test
+    assert [(c.x_train, c.x_val) for c in rest] == [(c.x_train, c.x_val) for c in plain.clients[1:]]
+    last = caplog.records[-1]
+    assert 0 in last.args[-1] and "no validation split" in last.getMessage()

@@ -56,7 +56,7 @@ class DataConfig:
     partitioner: PartitionerConfig = field(default_factory=PartitionerConfig)
     shift: ShiftConfig = field(default_factory=ShiftConfig)
     test_fraction: float = 0.2  # share of each client's partition held out as its personal test split
-    val_fraction: float = 0.0  # share of each client's partition held out as its validation split, carved from the non-test rows (seeded by run.seed and the client, the same for every strategy; dialogue: whole conversations). Evaluated every round (val_* metrics) so a round or a variant is chosen on validation, never on test; 0 = no validation split
+    val_fraction: float = 0.0  # share of each client's partition held out as its validation split, carved from the non-test rows (seeded by run.seed and the client, the same for every strategy; dialogue: whole conversations, and a speaker whose training replies are one conversation keeps it whole and has no validation split). Evaluated every round (val_* metrics) so a round or a variant is chosen on validation, never on test; 0 = no validation split
     min_test_size: int = 1  # a client whose test split is smaller than this is too small
     min_client_size: int = 2  # a client with fewer samples (train + test) is too small
     small_client_policy: str = "error"  # too-small clients: error (fail with a message) | rebalance (move samples from the largest clients)

@@ -293,7 +293,7 @@ def _build_dialogue_federation(data, num_clients: int, seed: int):
     # row by row (seconds per 100k rows).
     partitioner.dataset = table.with_format("arrow")
     assert partitioner.num_partitions == num_clients, (partitioner.num_partitions, num_clients)
-    clients, client_info = [], []
+    clients, client_info, no_val = [], [], []
     for pid in range(num_clients):
         turns = partitioner.load_partition(pid)[_ROW].to_numpy().astype(np.int64)
         spk = int(d.turn_speaker[turns[0]])
@@ -305,10 +305,8 @@ def _build_dialogue_federation(data, num_clients: int, seed: int):
             try:
                 train, val = split_by_conversation(d, train, data.val_fraction / (1 - data.test_fraction),
                                                    np.random.default_rng([seed, spk, _VAL_STREAM]))
-            except ValueError:
-                raise DataError(f"client {pid} (speaker {d.speakers[spk]}): data.val_fraction={data.val_fraction} "
-                                "needs training replies in at least 2 conversations; raise "
-                                "data.dialogue.min_utterances or set data.val_fraction=0") from None
+            except ValueError:  # one conversation left for training: it stays whole, with no validation split
+                no_val.append(pid)
         n_train_all = len(train)
         train = cap_rows(train, data.max_train_per_client, np.random.default_rng([seed, spk, _CAP_STREAM]))
         if len(test) < data.min_test_size:
@@ -328,5 +326,9 @@ def _build_dialogue_federation(data, num_clients: int, seed: int):
                             "examples_before_cap": n_train_all,
                             "conversations_train": int(len(np.unique(d.turn_conv[train]))),
                             "conversations_test": int(len(np.unique(d.turn_conv[test])))})
+    if no_val:
+        log.warning("data.val_fraction=%s: %d speaker(s) have training replies in one conversation only, which "
+                    "stays whole for training; they have no validation split and the validation means leave them "
+                    "out: clients %s", data.val_fraction, len(no_val), no_val)
     return FederatedData(data.dataset, info.num_classes, info.image_shape, clients,
                          [{} for _ in clients], client_info=client_info, modality=info.modality)
