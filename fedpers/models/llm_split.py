@@ -64,18 +64,30 @@ class RowStore:
         return v
 
     def put(self, key: bytes, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
+        size = _nbytes(value)
         if size > self.budget or key in self.rows:
             return
-        while self.rows and self.bytes + size > self.budget:
-            _, old = self.rows.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+        self._evict(self.budget - size)
         self.rows[key] = value
         self.bytes += size
+
+    def resize(self, budget_bytes: int) -> None:
+        self.budget = int(budget_bytes)
+        self._evict(self.budget)
+
+    def _evict(self, limit: int) -> None:
+        """Drop the least recently used rows until at most ``limit`` bytes are held."""
+        while self.rows and self.bytes > limit:
+            _, old = self.rows.popitem(last=False)
+            self.bytes -= _nbytes(old)
 
     def clear(self) -> None:
         self.rows.clear()
         self.bytes = 0
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 _SHARED: dict[tuple, RowStore] = {}  # (share key, start layer) -> the process's store for that backbone
@@ -101,10 +113,7 @@ class LayerSplit:
         self.hits = self.misses = 0
 
     def set_budget(self, cache_mb: float) -> None:
-        self.store.budget = int(cache_mb * 2**20)
-        while self.store.rows and self.store.bytes > self.store.budget:
-            _, old = self.store.rows.popitem(last=False)
-            self.store.bytes -= old.numel() * old.element_size()
+        self.store.resize(int(cache_mb * 2**20))
 
     def run(self, h: torch.Tensor, mask: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Layers ``lo..hi-1`` on hidden states ``h`` (N, T, H); the final norm when ``hi`` is the top."""
