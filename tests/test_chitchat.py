@@ -298,3 +298,27 @@ def test_a_speaker_with_one_training_conversation_keeps_it_whole_without_validat
     assert [(c.x_train, c.x_val) for c in rest] == [(c.x_train, c.x_val) for c in plain.clients[1:]]
     last = caplog.records[-1]
     assert 0 in last.args[-1] and "no validation split" in last.getMessage()
+
+
+@pytest.mark.parametrize("dataset,partitioner", [("chitchat", None), ("digits", PartitionerConfig(alpha=1.0))])
+def test_max_val_per_client_caps_the_validation_split_only_and_seeded(fed, dataset, partitioner):
+    """Validation is scored every round: the cap keeps a seeded subsample of each client's own validation
+    rows and leaves its training and test splits as they were."""
+    if dataset == "chitchat":
+        def make(**kw):
+            return build_federated(chitchat(val_fraction=0.25, **kw), NUM_CLIENTS, 0)
+    else:
+        def make(**kw):
+            return build_federated(DataConfig(dataset=dataset, partitioner=partitioner, val_fraction=0.25, **kw), 4, 0)
+    full, capped, again = make(), make(max_val_per_client=2), make(max_val_per_client=2)
+    assert any(f.has_validation and len(f.y_val) > 2 for f in full.clients)
+    for f, c, a in zip(full.clients, capped.clients, again.clients):
+        assert torch.equal(c.y_train, f.y_train) and torch.equal(c.y_test, f.y_test)
+        if not f.has_validation:
+            assert not c.has_validation
+            continue
+        assert len(c.y_val) == min(2, len(f.y_val))
+        xs = [json.dumps(x, sort_keys=True) if isinstance(x, dict) else x.numpy().tobytes() for x in f.x_val]
+        got = [json.dumps(x, sort_keys=True) if isinstance(x, dict) else x.numpy().tobytes() for x in c.x_val]
+        assert all(g in xs for g in got) and len(set(got)) == len(got)
+        assert got == [json.dumps(x, sort_keys=True) if isinstance(x, dict) else x.numpy().tobytes() for x in a.x_val]

@@ -62,4 +62,5 @@ class DataConfig:
     small_client_policy: str = "error"  # too-small clients: error (fail with a message) | rebalance (move samples from the largest clients)
     max_train_per_client: int = 0  # cap on each client's training examples after partitioning and the train/test split (a seeded subsample; the test split is untouched); 0 = no cap. Any dataset; few-shot chitchat runs use e.g. 32
     max_test_per_client: int = 0  # cap on each client's test examples (a seeded subsample, fixed per client and seed, the same for every strategy); 0 = no cap. For evaluation cost, e.g. LLM grids on a CPU: an LLM speaker's test split can hold 150+ replies
+    max_val_per_client: int = 0  # cap on each client's validation examples (data.val_fraction; a seeded subsample, fixed per client and seed, the same for every strategy); 0 = no cap. Validation is scored every round: on an LLM speaker with hundreds of replies, cap it as the test split is capped
     dialogue: DialogueConfig = field(default_factory=DialogueConfig)  # dialogue datasets (modality llm, e.g. chitchat): speaker filter, context length, speaker draw

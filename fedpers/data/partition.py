@@ -140,7 +140,8 @@ def _build_cached(data_json: str, num_clients: int, seed: int) -> FederatedData:
     for pid, rows in enumerate(parts):
         client, shift_info = _split(inputs[rows], labels[rows], data, info.num_classes, pid, seed)
         client = cap_train(client, data.max_train_per_client, np.random.default_rng([seed, pid, _CAP_STREAM]))
-        clients.append(cap_test(client, data.max_test_per_client, np.random.default_rng([seed, pid, _TEST_CAP_STREAM])))
+        client = cap_test(client, data.max_test_per_client, np.random.default_rng([seed, pid, _TEST_CAP_STREAM]))
+        clients.append(cap_val(client, data.max_val_per_client, np.random.default_rng([seed, pid, _VAL_CAP_STREAM])))
         infos.append({**shift_info, **({"rebalanced_in": moved[pid]} if moved.get(pid) else {})})
     return FederatedData(data.dataset, info.num_classes, info.image_shape, clients, infos, modality=info.modality)
 
@@ -148,6 +149,7 @@ def _build_cached(data_json: str, num_clients: int, seed: int) -> FederatedData:
 _CAP_STREAM = 0xCA9
 _TEST_CAP_STREAM = 0x7E57
 _VAL_STREAM = 0x7A1
+_VAL_CAP_STREAM = 0x7A1C
 
 
 def cap_rows(rows: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
@@ -178,6 +180,17 @@ def cap_test(client: ClientData, cap: int, rng: np.random.Generator) -> ClientDa
     x = client.x_test
     x = [x[i] for i in keep.tolist()] if isinstance(x, list) else x[torch.from_numpy(keep)]
     return replace(client, x_test=x, y_test=client.y_test[torch.from_numpy(keep)])
+
+
+def cap_val(client: ClientData, cap: int, rng: np.random.Generator) -> ClientData:
+    """``data.max_val_per_client``: at most ``cap`` validation samples (0 = all), a seeded subsample in
+    order; no-op for a client without a validation split."""
+    if not client.has_validation or cap <= 0 or len(client.y_val) <= cap:
+        return client
+    keep = cap_rows(np.arange(len(client.y_val)), cap, rng)
+    x = client.x_val
+    x = [x[i] for i in keep.tolist()] if isinstance(x, list) else x[torch.from_numpy(keep)]
+    return replace(client, x_val=x, y_val=client.y_val[torch.from_numpy(keep)])
 
 
 def _image_array(ds) -> np.ndarray:
@@ -314,6 +327,7 @@ def _build_dialogue_federation(data, num_clients: int, seed: int):
                             f"data.min_test_size={data.min_test_size}: raise data.test_fraction or "
                             "data.dialogue.min_utterances")
         test = cap_rows(test, data.max_test_per_client, np.random.default_rng([seed, spk, _TEST_CAP_STREAM]))
+        val = cap_rows(val, data.max_val_per_client, np.random.default_rng([seed, spk, _VAL_CAP_STREAM]))
         clients.append(ClientData(
             [d.example(int(i), dl.context_turns) for i in train],
             torch.from_numpy(d.turn_conv[train].astype(np.int64)),

@@ -169,6 +169,8 @@ def validate_data(cfg: ExperimentConfig) -> None:
              f"must be >= 0 (0 = no cap), got {d.max_train_per_client}")
     _require(d.max_test_per_client >= 0, "data.max_test_per_client",
              f"must be >= 0 (0 = no cap), got {d.max_test_per_client}")
+    _require(d.max_val_per_client >= 0, "data.max_val_per_client",
+             f"must be >= 0 (0 = no cap), got {d.max_val_per_client}")
     _require(d.max_test_per_client == 0 or d.max_test_per_client >= d.min_test_size, "data.max_test_per_client",
              f"caps test splits below data.min_test_size={d.min_test_size}: got {d.max_test_per_client}")
     _require(d.dialogue.min_utterances >= 1, "data.dialogue.min_utterances",
