@@ -147,6 +147,27 @@ def runs(out):
     return {(r["strategy"], r["seed"]): (r["status"], r["rounds"]) for r in csv.DictReader((out / "runs.csv").open())}
 
 
+def test_a_moved_grid_folder_keeps_its_finished_cells(tmp_path, monkeypatch):
+    """Where a grid's folder lives is not part of a cell's experiment: moved (e.g. from results/ into a
+    folder that is committed), its cells still count as finished with the grid's config, nothing re-runs;
+    any other field still tells them apart."""
+    import shutil
+
+    ran = fake_cells(monkeypatch)
+    first, moved = tmp_path / "grid", tmp_path / "elsewhere" / "grid"
+    args = ["--no-progress", "--jobs", "1", "--seeds", "0", "run.rounds=2"]
+    assert sweep.main([str(SMOKE), "--output-dir", str(first), *args]) == 0
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    ran.clear()
+    assert sweep.main([str(SMOKE), "--output-dir", str(moved), *args]) == 0
+    assert ran == [] and set(runs(moved).values()) == {("ok", "2")}
+    assert sweep.main([str(SMOKE), "--output-dir", str(moved), "--report-only", *args[:-1], "run.rounds=3"]) == 1
+    rows = list(csv.DictReader((moved / "runs.csv").open()))
+    assert {r["status"] for r in rows} == {"other_config"}
+    assert all(r["error"].endswith("run.rounds: 2 -> 3") for r in rows)  # the folder is not named a change
+
+
 def test_a_changed_finished_cell_is_refused_and_runs_csv_keeps_every_finished_cell(tmp_path, monkeypatch, capsys):
     ran = fake_cells(monkeypatch)
     out = tmp_path / "grid"

@@ -34,7 +34,8 @@ class Cell:
 def is_done(cell: Cell) -> bool:
     """Finished with the same resolved config (a changed grid re-runs the cells it changed). A config
     saved before a field existed counts as having that field's default, so adding a config field to
-    fedpers does not re-run a finished grid; a cell that now sets it to another value does re-run."""
+    fedpers does not re-run a finished grid; a cell that now sets it to another value does re-run. Where
+    the folder lives (``run.output_dir``) is not compared: a grid's folder may be moved or renamed."""
     summary, saved = cell.out / "summary.json", cell.out / "config.yaml"
     if not (summary.is_file() and saved.is_file()):
         return False
@@ -42,9 +43,15 @@ def is_done(cell: Cell) -> bool:
     if text == now:
         return True
     try:
-        return to_yaml(from_yaml(text)) == now
+        return to_yaml(_here(from_yaml(text), cell)) == now
     except ConfigError:  # a field it set no longer exists (or no longer validates)
         return False
+
+
+def _here(saved: ExperimentConfig, cell: Cell) -> ExperimentConfig:
+    """A saved config with the cell's folder as its output_dir."""
+    saved.run.output_dir = cell.cfg.run.output_dir
+    return saved
 
 
 def finished(cell: Cell) -> bool:
@@ -73,10 +80,10 @@ def changed_fields(cell: Cell) -> list[str]:
         return ["config.yaml: missing"]
     text = saved_file.read_text()
     try:
-        saved = _flat(yaml.safe_load(to_yaml(from_yaml(text))))
+        saved = _flat(yaml.safe_load(to_yaml(_here(from_yaml(text), cell))))
     except ConfigError:  # a field it set no longer exists: compare what it says
         try:
-            saved = _flat(yaml.safe_load(text) or {})
+            saved = {**_flat(yaml.safe_load(text) or {}), "run.output_dir": str(cell.cfg.run.output_dir)}
         except yaml.YAMLError:
             return ["config.yaml: unreadable"]
     absent = "(absent)"
