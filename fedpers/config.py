@@ -71,6 +71,7 @@ class RunConfig:
     max_num_examples: int = 100_000  # a reply claiming more examples counts as this many in weighted aggregation
     max_memory_gb: float = 32.0  # refuse to start when a lower bound of client + server tensor and activation memory exceeds this
     cross_eval: bool = False  # after the last round, score every trained client's personal model on every client's test split (cross_eval.csv, cross_eval.png, final.cross_eval in summary.json); models move between clients, so a simulation diagnostic
+    cross_eval_clients: int = 0  # run.cross_eval on a sample: N trained clients drawn once (seeded by run.seed), each one's personal model scored on each of the N's test splits (N x N instead of every trained model on every client; an LLM grid's cross-evaluation is otherwise hours on a CPU); 0 = all
 
 
 @dataclass
@@ -284,6 +285,10 @@ def check_fields(cfg: ExperimentConfig) -> None:
     n_train = r.num_clients - holdout_count(r)
     _require(n_train >= 1, "run.holdout_clients",
              f"holds out {holdout_count(r)} of run.num_clients={r.num_clients}: no client left to train")
+    _require(r.cross_eval_clients == 0 or 2 <= r.cross_eval_clients <= n_train, "run.cross_eval_clients",
+             f"must be 0 (all) or in [2, {n_train}] (the trained clients: a gap needs two), got {r.cross_eval_clients}")
+    _require(r.cross_eval_clients == 0 or r.cross_eval, "run.cross_eval_clients",
+             "samples the cross-evaluation: set run.cross_eval=true with it (or leave it 0)")
     _require(r.unseen_rounds >= 1, "run.unseen_rounds", f"must be >= 1, got {r.unseen_rounds}")
     _require(
         1 <= r.clients_per_round <= n_train,

@@ -119,6 +119,20 @@ def test_sweep_table_has_the_gap_column(tmp_path):
     assert line.split(" | ")[header.split(" | ").index("gap")] == "20.0 ± 5.0"
 
 
+def test_llm_sweep_table_has_the_perplexity_gap(tmp_path):
+    from fedpers.sweep.cli import write_table
+
+    row = {"partition": "p", "strategy": "s", "seed": 0, "status": "ok", "accuracy_mean": 0.2,
+           "accuracy_worst10": 0.1, "unseen_accuracy_mean": None, "params_per_round": 10, "bytes_per_round": 40,
+           "perplexity_mean": 90.0, "perplexity_worst10": 200.0}
+    text = write_table([{**row, "cross_eval_perplexity_gap": 30.0}, {**row, "seed": 1, "cross_eval_perplexity_gap": 10.0}],
+                       tmp_path / "t.md", "t")
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("## cross-evaluation perplexity gap"))
+    assert next(line for line in lines[at:] if line.startswith("| s |")).endswith("| 20.0 ± 10.0 |")
+    assert "cross-evaluation perplexity gap" not in write_table([row], tmp_path / "u.md", "t")  # none recorded
+
+
 def test_a_client_without_a_model_is_a_recorded_failure_not_a_crash(tmp_path):
     """With 2 of 3 clients sampled in the only round, one client never trained: its upload fails with a
     reason, the two trained models are still scored on all three test splits."""
@@ -130,3 +144,36 @@ def test_a_client_without_a_model_is_a_recorded_failure_not_a_crash(tmp_path):
     (failure,) = ce["failures"]
     assert failure["stage"] == "upload" and failure["partition_id"] not in trained
     assert "no personal model" in failure["reason"]
+
+
+@pytest.mark.slow
+def test_a_sampled_cross_evaluation_is_the_full_matrix_restricted_to_the_sample(tmp_path, local_run):
+    """run.cross_eval_clients=N: N trained clients' models on those N clients' splits only, with the very
+    values the full matrix has there (drawing the sample moves neither training nor the round sampling),
+    and the gap computed from that N x N block."""
+    _, (cfg, full_summary, full) = local_run
+    n = 2
+    assert cfg.run.num_clients > n
+    _, summary, m = run_fast(tmp_path, "local", **{"run.cross_eval_clients": str(n)})
+    picked = sorted({i for i, _ in m})
+    assert len(picked) == n and set(m) == {(i, j) for i in picked for j in picked}
+    assert summary["final"]["per_client"] == full_summary["final"]["per_client"]
+    for k, acc in m.items():
+        assert acc == pytest.approx(full[k], abs=1e-6), k
+    ce = summary["final"]["cross_eval"]
+    own = np.mean([m[(i, i)] for i in picked])
+    others = np.mean([np.mean([m[(i, j)] for j in picked if j != i]) for i in picked])
+    assert ce["num_models"] == n and ce["gap"] == pytest.approx(own - others, abs=1e-5)  # csv: 6 decimals
+    again = run_fast(tmp_path / "again", "local", **{"run.cross_eval_clients": str(n)})[2]
+    assert sorted({i for i, _ in again}) == picked  # drawn by run.seed
+
+
+@pytest.mark.parametrize("extra,needle", [({"run.cross_eval_clients": "1"}, "[2, "),
+                                          ({"run.cross_eval_clients": "99"}, "[2, "),
+                                          ({"run.cross_eval": "false", "run.cross_eval_clients": "2"}, "run.cross_eval=true")])
+def test_bad_cross_eval_clients_is_refused_naming_the_field(tmp_path, extra, needle):
+    from fedpers.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, tiny_overrides(tmp_path, **{"strategy.name": "local", "run.cross_eval": "true", **extra}))
+    assert "run.cross_eval_clients" in str(e.value) and needle in str(e.value)

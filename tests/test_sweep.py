@@ -147,6 +147,41 @@ def runs(out):
     return {(r["strategy"], r["seed"]): (r["status"], r["rounds"]) for r in csv.DictReader((out / "runs.csv").open())}
 
 
+@pytest.mark.slow
+def test_a_cell_stopped_after_a_round_continues_from_its_checkpoint(tmp_path, monkeypatch, caplog):
+    """A sweep stopped mid-cell (a session's end, a killed worker) loses no finished round: run again, the
+    cell continues from its checkpoint, and ends with the figures of a cell that never stopped."""
+    from fedpers.results import checkpoint
+
+    grid = ["--no-progress", "--jobs", "1", "--strategies", "fedvpt", "run.rounds=2"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert sweep.main([str(SMOKE), "--output-dir", str(whole), *grid]) == 0
+    real, saved = checkpoint.save_checkpoint, []
+
+    def stop_after_round_1(cfg, server_round, *a, **k):
+        real(cfg, server_round, *a, **k)
+        saved.append(server_round)
+        if server_round == 1:
+            raise KeyboardInterrupt("stopped")  # as a session's end stops it: after round 1's checkpoint
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", stop_after_round_1)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main([str(SMOKE), "--output-dir", str(cut), *grid])
+    cell = next(cut.rglob("checkpoint.pt")).parent
+    assert saved == [1] and not (cell / "summary.json").exists()
+    saved.clear()
+    with caplog.at_level("WARNING", logger="fedpers"):
+        assert sweep.main([str(SMOKE), "--output-dir", str(cut), *grid]) == 0
+    assert saved == [2] and "continues from its checkpoint" in caplog.text  # round 1 not trained again
+    a = json.loads(next(whole.rglob("summary.json")).read_text())["final"]
+    b = json.loads((cell / "summary.json").read_text())["final"]
+    assert b["per_client"] == pytest.approx(a["per_client"], abs=1e-6)
+    assert {r["strategy"]: r["status"] for r in csv.DictReader((cut / "runs.csv").open())}["fedvpt"] == "ok"
+    # the cell counts as finished with the grid's config although it was resumed
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda *a, **k: pytest.fail("a finished cell ran"))
+    assert sweep.main([str(SMOKE), "--output-dir", str(cut), *grid]) == 0
+
+
 def test_a_moved_grid_folder_keeps_its_finished_cells(tmp_path, monkeypatch):
     """Where a grid's folder lives is not part of a cell's experiment: moved (e.g. from results/ into a
     folder that is committed), its cells still count as finished with the grid's config, nothing re-runs;

@@ -12,6 +12,8 @@ run's own transport (the fast engine or Flower's Grid, the same messages either 
 Data never moves; models do, which is why this is a simulation diagnostic, off by default, and why
 replies here skip ``dp.*`` noise (they are not training updates). The diagonal is each client's own
 accuracy; ``gap = own_mean - others_mean`` says how much better a model does at home than elsewhere.
+``run.cross_eval_clients=N`` scores N trained clients' models on those N clients only (N x N: the gap
+from a seeded sample, for runs where every model on every client costs too much, e.g. an LLM on a CPU).
 Outputs: ``cross_eval.csv`` (model_client, data_client, accuracy, loss, num_test), ``cross_eval.png``
 (heatmap) and ``final.cross_eval.{own_mean, others_mean, gap, num_models}`` in ``summary.json``.
 """
@@ -64,8 +66,21 @@ def client_op(ctx, strategy_cls, received: dict[str, np.ndarray], state: dict[st
     return Reply(ctx.partition_id, {}, n, metrics)
 
 
-def run(cfg, transport, train_ids: list[int], server_round: int) -> dict:
-    """The two exchanges; returns {"matrix": {(model, data): (acc, loss, n)}, "failures": [...]}."""
+def sample_clients(seed: int, trained: list[int], n: int) -> list[int]:
+    """``run.cross_eval_clients``: ``n`` of the clients that trained (all of them if fewer), drawn once by
+    the run's seed (a stream of its own: the round sampling is not moved), in partition order."""
+    if len(trained) <= n:
+        return sorted(trained)
+    rng = np.random.default_rng([int(seed), _SAMPLE_STREAM])
+    return sorted(int(p) for p in rng.choice(sorted(trained), size=n, replace=False))
+
+
+_SAMPLE_STREAM = 0xC505
+
+
+def run(cfg, transport, train_ids: list[int], server_round: int, data_ids: list[int] | None = None) -> dict:
+    """The two exchanges; returns {"matrix": {(model, data): (acc, loss, n)}, "failures": [...]}. The
+    models of ``train_ids`` are scored on the test splits of ``data_ids`` (None: every client)."""
 
     r = cfg.run
     max_bytes = int(r.max_upload_mb * 1024 * 1024)
@@ -85,7 +100,7 @@ def run(cfg, transport, train_ids: list[int], server_round: int) -> dict:
         return {"matrix": {}, "failures": failures}
     payload = {f"{MODEL}{pid}/{k}": v for pid, m in models.items() for k, v in m.items()}
     payload[CONTROL] = np.array([EVALUATE], dtype=DTYPE)
-    everyone = list(range(r.num_clients))
+    everyone = list(range(r.num_clients)) if data_ids is None else list(data_ids)
     back = transport.exchange(server_round + 1, {p: payload for p in everyone}, r.client_timeout_s)
     matrix = {}
     for pid in everyone:

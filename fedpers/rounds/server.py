@@ -131,14 +131,20 @@ def run_server(cfg: ExperimentConfig, transport: Transport, strategy: Strategy |
     if unseen_ids:
         ledger.record_unseen(personalize_unseen(cfg, strategy, transport, unseen_ids, max_bytes))
     if r.cross_eval:
-        ledger.record_cross_eval(_cross_eval(cfg, transport, train_ids))
+        ledger.record_cross_eval(_cross_eval(cfg, transport, train_ids, set(ledger.last_acc)))
     return ledger.finish(dp.privacy_report(cfg, ledger.rows))
 
 
-def _cross_eval(cfg: ExperimentConfig, transport: Transport, train_ids: list[int]) -> dict:
+def _cross_eval(cfg: ExperimentConfig, transport: Transport, train_ids: list[int], trained: set[int]) -> dict:
+    """Every trained client's model on every client (``run.cross_eval_clients=0``), or N of the clients
+    that trained, drawn by ``run.seed``, on each other (N x N)."""
     from fedpers.results import cross_eval
 
-    result = cross_eval.run(cfg, transport, train_ids, cfg.run.rounds + cfg.run.unseen_rounds + 1)
+    models, data = train_ids, None
+    n = cfg.run.cross_eval_clients
+    if n:
+        models = data = cross_eval.sample_clients(cfg.run.seed, [p for p in train_ids if p in trained], n)
+    result = cross_eval.run(cfg, transport, models, cfg.run.rounds + cfg.run.unseen_rounds + 1, data_ids=data)
     cross_eval.write(result, Path(cfg.run.output_dir), cfg.strategy.name)
     summary = cross_eval.summarize(result, llm=cfg.model.modality == "llm")
     log.info("cross-evaluation: own %s, others %s, gap %s", summary["own_mean"], summary["others_mean"], summary["gap"])

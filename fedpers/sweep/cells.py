@@ -43,15 +43,28 @@ def is_done(cell: Cell) -> bool:
     if text == now:
         return True
     try:
-        return to_yaml(_here(from_yaml(text), cell)) == now
+        return to_yaml(_here(from_yaml(text), cell.cfg)) == now
     except ConfigError:  # a field it set no longer exists (or no longer validates)
         return False
 
 
-def _here(saved: ExperimentConfig, cell: Cell) -> ExperimentConfig:
-    """A saved config with the cell's folder as its output_dir."""
-    saved.run.output_dir = cell.cfg.run.output_dir
+def _here(saved: ExperimentConfig, cfg: ExperimentConfig) -> ExperimentConfig:
+    """A saved config with ``cfg``'s folder and way of starting (run.output_dir, run.resume, run.overwrite):
+    where a run lives and whether it was resumed are not part of its experiment."""
+    saved.run.output_dir, saved.run.resume, saved.run.overwrite = cfg.run.output_dir, cfg.run.resume, cfg.run.overwrite
     return saved
+
+
+def resumable(cfg: ExperimentConfig) -> bool:
+    """An unfinished cell stopped after a round (the sweep or its machine stopped mid-cell): its folder
+    holds a checkpoint and the config it ran with is ``cfg``'s."""
+    out = Path(cfg.run.output_dir)
+    if (out / "summary.json").is_file() or not (out / "checkpoint.pt").is_file() or not (out / "config.yaml").is_file():
+        return False
+    try:
+        return to_yaml(_here(from_yaml((out / "config.yaml").read_text()), cfg)) == to_yaml(cfg)
+    except ConfigError:
+        return False
 
 
 def finished(cell: Cell) -> bool:
@@ -80,7 +93,7 @@ def changed_fields(cell: Cell) -> list[str]:
         return ["config.yaml: missing"]
     text = saved_file.read_text()
     try:
-        saved = _flat(yaml.safe_load(to_yaml(_here(from_yaml(text), cell))))
+        saved = _flat(yaml.safe_load(to_yaml(_here(from_yaml(text), cell.cfg))))
     except ConfigError:  # a field it set no longer exists: compare what it says
         try:
             saved = {**_flat(yaml.safe_load(text) or {}), "run.output_dir": str(cell.cfg.run.output_dir)}
@@ -164,6 +177,8 @@ def summary_fields(folder: Path) -> dict:
         "accuracy_weighted": f.get("accuracy_weighted"),  # sum correct / sum test samples (PFLlib's figure)
         "unseen_accuracy_mean": f.get("unseen_accuracy_mean"),
         "cross_eval_gap": (f.get("cross_eval") or {}).get("gap"),  # run.cross_eval: own - others accuracy
+        # LLM cells with run.cross_eval: others - own perplexity (how much worse a speaker's model does elsewhere)
+        "cross_eval_perplexity_gap": (f.get("cross_eval") or {}).get("perplexity_gap"),
         "params_per_round": s["params"]["down_per_client_round"] + s["params"]["up_per_client_round"],
         "bytes_per_round": s["bytes"]["down_per_client_round"] + s["bytes"]["up_per_client_round"],
         "rounds": s["rounds"],
@@ -181,12 +196,27 @@ def summary_fields(folder: Path) -> dict:
 
 def run_cell(cfg_yaml: str) -> tuple[str, str]:
     """Run one cell in this process; ``("ok", "")`` or ``("failed", "Type: message")``. The config travels
-    as YAML and is validated again here, so a worker whose fedpers or data differs fails loudly."""
+    as YAML and is validated again here, so a worker whose fedpers or data differs fails loudly. A cell
+    stopped after a round with this config continues from its checkpoint (:func:`resumable`; exact, as
+    ``run.resume`` is); any other unfinished cell's folder is the grid's to redo."""
+    import logging
+
     from fedpers import simulate
     from fedpers.experiment import from_yaml
+    from fedpers.results.checkpoint import CheckpointError
 
     try:
-        simulate.run(from_yaml(cfg_yaml), overwrite=True)  # an unfinished cell's folder is the grid's to redo
+        cfg = from_yaml(cfg_yaml)
+        if resumable(cfg):
+            cfg.run.resume = True
+            try:
+                logging.getLogger("fedpers").warning("sweep: %s continues from its checkpoint", cfg.run.output_dir)
+                simulate.run(cfg)
+                return "ok", ""
+            except CheckpointError as e:  # unreadable or not this run's: start the cell again
+                logging.getLogger("fedpers").warning("sweep: %s starts again: %s", cfg.run.output_dir, e)
+                cfg.run.resume = False
+        simulate.run(cfg, overwrite=True)
         return "ok", ""
     except Exception as e:  # noqa: BLE001  (one broken cell must not lose the grid; its reason is recorded)
         traceback.print_exc()

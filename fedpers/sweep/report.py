@@ -12,7 +12,7 @@ import numpy as np
 COLUMNS = ["partition", "strategy", "seed", "status", "accuracy_mean", "accuracy_worst10", "unseen_accuracy_mean",
            "cross_eval_gap", "params_per_round", "bytes_per_round", "local_steps", "rounds", "wall_time_s", "output_dir",
            "error", "setting", "axis_value", "perplexity_mean", "perplexity_worst10", "unseen_perplexity_mean",
-           "accuracy_weighted", "val_criterion", "val_score", "val_best_round", "accuracy_at_best_val",
+           "cross_eval_perplexity_gap", "accuracy_weighted", "val_criterion", "val_score", "val_best_round", "accuracy_at_best_val",
            "perplexity_at_best_val"]
 
 
@@ -82,6 +82,9 @@ def write_table(rows: list[dict], path: Path, title: str, reference: str | list[
         for key, name in (("perplexity_mean", "perplexity"), ("perplexity_worst10", "worst-10% perplexity"),
                           ("unseen_perplexity_mean", "unseen-client perplexity")):
             lines += _pivot(ok, parts, strats, key, name, pct=False)
+        if any(r.get("cross_eval_perplexity_gap") not in (None, "") for r in ok):
+            lines += _pivot(ok, parts, strats, "cross_eval_perplexity_gap", "cross-evaluation perplexity gap "
+                            "(a speaker's model on the other speakers minus on its own; run.cross_eval)", pct=False)
     for key, name in (("accuracy_mean", "accuracy"), ("accuracy_weighted", "sample-weighted accuracy"),
                       ("accuracy_worst10", "worst-10%"), ("unseen_accuracy_mean", "unseen-client accuracy")):
         lines += _pivot(ok, parts, strats, key, "next-token " + name if llm else name)
