@@ -146,6 +146,20 @@ def test_resume_refuses_another_experiment_and_a_missing_checkpoint(tmp_path, ca
     assert "no checkpoint" in capsys.readouterr().err
 
 
+def test_a_checkpoint_from_before_a_config_field_existed_resumes_at_its_default(tmp_path):
+    """A field added to fedpers after a checkpoint was written reads as its default there (as a finished
+    sweep cell's config.yaml is read), so upgrading fedpers does not orphan a stopped run; a field the
+    checkpoint does record still has to match."""
+    out = tmp_path / "older"
+    assert simulate.main(overrides(out, **{"run.rounds": 1})) == 0
+    raw = torch.load(out / FILENAME, map_location="cpu", weights_only=True)
+    assert raw["config"]["run"].pop("cross_eval_clients") == 0  # as written before the field existed
+    torch.save(raw, out / FILENAME)
+    assert load_config_and_check(out)["round"] == 1
+    with pytest.raises(CheckpointError, match="run.cross_eval_clients"):
+        load_config_and_check(out, **{"run.cross_eval": "true", "run.cross_eval_clients": 2})
+
+
 def load_config_and_check(out, **kw):
     return load_checkpoint(load_config(None, overrides(out, **{"run.resume": "true", **kw})))
 

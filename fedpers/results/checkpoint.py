@@ -169,7 +169,7 @@ def load_checkpoint(cfg: ExperimentConfig) -> dict:
     if not path.is_file():
         raise CheckpointError(f"run.resume=true but there is no checkpoint at {path} (run.output_dir)")
     state = read_checkpoint(path)
-    diffs = config_differences(state["config"], to_dict(cfg))
+    diffs = config_differences(with_defaults(state["config"]), to_dict(cfg))
     if diffs:
         shown = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in diffs[:5])
         raise CheckpointError(f"{path} was written by a different experiment ({shown}); only "
@@ -177,6 +177,19 @@ def load_checkpoint(cfg: ExperimentConfig) -> dict:
     if state["round"] > cfg.run.rounds:
         raise CheckpointError(f"{path} is at round {state['round']}, beyond run.rounds={cfg.run.rounds}")
     return state
+
+
+def with_defaults(old: dict) -> dict:
+    """A checkpoint's config with the fields added to fedpers since it was written at their defaults, as a
+    finished sweep cell's config.yaml is read: a new config field does not orphan every checkpoint. A config
+    that no longer validates is compared as it is."""
+    from fedpers.config import ConfigError
+    from fedpers.experiment import from_layers
+
+    try:
+        return to_dict(from_layers([old]))
+    except (ConfigError, TypeError, ValueError, KeyError):
+        return old
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
