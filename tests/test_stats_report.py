@@ -145,7 +145,7 @@ def test_llm_cells_report_perplexity_from_per_client_losses(tmp_path):
                      "per_client_loss": {str(i): float(v) for i, v in enumerate(loss)}}
             (out / "summary.json").write_text(json.dumps({"final": final, "unseen": None}))
             rows.append({"partition": "speakers", "strategy": s, "seed": seed, "status": "ok", "output_dir": str(out)})
-    assert [m.name for m in sr.metrics_of(rows)] == ["perplexity", "accuracy"]
+    assert [m.name for m in sr.metrics_of(rows)] == ["perplexity", "nll", "accuracy"]
     st = sr.cell_stats(sr.collect(rows, metric=sr.PERPLEXITY)[("speakers", "local")], sr.PERPLEXITY)
     ppl = [np.exp(losses[("local", seed)]) for seed in range(2)]
     assert abs(st["mean"][0] - np.mean([p.mean() for p in ppl])) < 1e-9
@@ -158,5 +158,31 @@ def test_llm_cells_report_perplexity_from_per_client_losses(tmp_path):
     assert "Perplexity: paired difference to pfedpg" in text and "Next-token accuracy" in text
     sr.plot(rows, tmp_path / "plots", ["local", "pfedpg"])
     names = sorted(p.name for p in (tmp_path / "plots").iterdir())
-    assert names == ["accuracy_ci.png", "paired_diff.png", "paired_diff_perplexity.png",
+    assert names == ["accuracy_ci.png", "nll_ci.png", "paired_diff.png", "paired_diff_nll.png",
+                     "paired_diff_nll_pfedpg.png", "paired_diff_perplexity.png",
                      "paired_diff_perplexity_pfedpg.png", "paired_diff_pfedpg.png", "perplexity_ci.png"]
+
+
+def test_llm_nll_speaks_for_the_typical_speaker_where_one_diverged_speaker_carries_the_perplexity_mean(tmp_path):
+    """A strategy 0.1 nats better than local on 19 of 20 speakers whose adapter diverged on the 20th
+    (loss 10: perplexity 22,026): its perplexity mean is far worse than local's, its mean NLL is the
+    hand-computed (19 * -0.1 + (10 - base)) / 20 better or worse, and the NLL table shows 3 decimals."""
+    base = np.linspace(3.5, 4.5, 20)
+    rows = []
+    for s, loss in (("local", base), ("fedit", np.r_[base[:19] - 0.1, 10.0])):
+        out = tmp_path / s / "seed0"
+        out.mkdir(parents=True)
+        final = {"per_client": {str(i): 0.3 for i in range(20)},
+                 "per_client_loss": {str(i): float(v) for i, v in enumerate(loss)}}
+        (out / "summary.json").write_text(json.dumps({"final": final, "unseen": None}))
+        rows.append({"partition": "speakers", "strategy": s, "seed": 0, "status": "ok", "output_dir": str(out)})
+    cells = sr.collect(rows, metric=sr.NLL)
+    d = sr.paired(cells[("speakers", "fedit")], cells[("speakers", "local")])
+    assert abs(d["diff"][0] - (19 * -0.1 + (10.0 - base[19])) / 20) < 1e-9
+    ppl = sr.paired(sr.collect(rows, metric=sr.PERPLEXITY)[("speakers", "fedit")],
+                    sr.collect(rows, metric=sr.PERPLEXITY)[("speakers", "local")])
+    assert ppl["diff"][0] > 1000  # the one speaker carries the perplexity mean
+    text = "\n".join(sr.sections(rows, "local"))
+    nll = text.split("Reply NLL (nats per token): paired difference to local")[1].split("##")[0]
+    line = next(x for x in nll.splitlines() if x.startswith("| fedit |"))
+    assert f"{(19 * -0.1 + (10.0 - base[19])) / 20:+.3f}" in line

@@ -44,6 +44,7 @@ class Metric:
     unit: str  # after the numbers in headings: "%", "pp" for differences, or "" (perplexity)
     higher_is_better: bool
     transform: Callable[[float], float] = float
+    digits: int = 1  # decimals shown
 
     def worst10(self, x: np.ndarray) -> np.ndarray:
         """Mean of the worst ceil(10%) clients along the last axis: the lowest accuracies, the highest
@@ -56,6 +57,11 @@ ACCURACY = Metric("accuracy", "personalized accuracy", "per_client", 100.0, "%",
 # token-weighted perplexity is exp of its mean NLL per reply token (summary.json's per_client_loss).
 NEXT_TOKEN = Metric("accuracy", "next-token accuracy", "per_client", 100.0, "%", True)
 PERPLEXITY = Metric("perplexity", "perplexity", "per_client_loss", 1.0, "", False, math.exp)
+# The same losses on the log scale: each client's mean NLL per reply token (nats), averaged over clients (exp
+# of it is the geometric mean of the clients' perplexities). A speaker whose adapter diverged adds a few nats
+# here, not thousands of perplexity points, so this mean and its paired differences speak for the typical
+# speaker where the perplexity mean is carried by one.
+NLL = Metric("nll", "reply NLL (nats per token)", "per_client_loss", 1.0, "", False, digits=3)
 
 
 def metrics_of(rows: list[dict]) -> list[Metric]:
@@ -68,7 +74,7 @@ def metrics_of(rows: list[dict]) -> list[Metric]:
             final = json.loads((Path(r["output_dir"]) / "summary.json").read_text()).get("final") or {}
         except (OSError, ValueError, KeyError):
             continue
-        return [PERPLEXITY, NEXT_TOKEN] if "per_client_loss" in final else [ACCURACY]
+        return [PERPLEXITY, NLL, NEXT_TOKEN] if "per_client_loss" in final else [ACCURACY]
     return [ACCURACY]
 
 
@@ -150,11 +156,11 @@ def paired(by_seed: dict[int, dict[str, float]], ref: dict[int, dict[str, float]
             "significant": bool(lo > 0 or hi < 0)}
 
 
-def _ci(t: tuple[float, float, float], signed: bool = False, scale: float = 100.0) -> str:
+def _ci(t: tuple[float, float, float], signed: bool = False, scale: float = 100.0, digits: int = 1) -> str:
     est, lo, hi = (scale * v for v in t)
     if math.isnan(est):
         return "–"
-    f = "+.1f" if signed else ".1f"
+    f = f"+.{digits}f" if signed else f".{digits}f"
     return f"{est:{f}} [{lo:{f}}, {hi:{f}}]"
 
 
@@ -188,7 +194,7 @@ def _metric_sections(rows: list[dict], references: list[str], metric: Metric) ->
     unseen = {k: cell_stats(v, metric) for k, v in collect(rows, "unseen", metric).items()}
     unit = f" ({metric.unit})" if metric.unit else ""
     worst = "lowest" if metric.higher_is_better else "highest"
-    lines = [f"## {metric.title.capitalize()}: mean and worst-10% with 95% bootstrap CIs{unit}", "",
+    lines = [f"## {metric.title[0].upper() + metric.title[1:]}: mean and worst-10% with 95% bootstrap CIs{unit}", "",
              (f"Each entry: estimate [95% CI], hierarchical bootstrap ({BOOTSTRAP} draws) over seeds, then clients "
               "within a seed; clients are the trained ones (unseen: the held-out ones). worst-10% is the mean of "
               f"the {worst} ceil(10%) clients per seed; † marks tails of fewer than {MIN_WORST_CLIENTS} clients."
@@ -203,8 +209,10 @@ def _metric_sections(rows: list[dict], references: list[str], metric: Metric) ->
             dag = "" if st["worst_k"] >= MIN_WORST_CLIENTS else " †"
             un = unseen.get((p, s))
             k = metric.scale
-            lines.append(f"| {s} | {st['seeds']} | {st['clients']} | {_ci(st['mean'], scale=k)} | "
-                         f"{_ci(st['worst10'], scale=k)}{dag} | {_ci(un['mean'], scale=k) if un else '–'} |")
+            n = metric.digits
+            lines.append(f"| {s} | {st['seeds']} | {st['clients']} | {_ci(st['mean'], scale=k, digits=n)} | "
+                         f"{_ci(st['worst10'], scale=k, digits=n)}{dag} | "
+                         f"{_ci(un['mean'], scale=k, digits=n) if un else '–'} |")
         lines.append("")
     for reference in references:
         if not any(s == reference for _, s in cells):
@@ -213,8 +221,8 @@ def _metric_sections(rows: list[dict], references: list[str], metric: Metric) ->
         if all(s == reference for s in strats):
             continue
         d_unit = " (percentage points)" if metric.unit == "%" else ""
-        better = "" if metric.higher_is_better else " Negative = lower perplexity than the reference (better)."
-        lines += [f"## {metric.title.capitalize()}: paired difference to {reference}{d_unit}", "",
+        better = "" if metric.higher_is_better else f" Negative = lower {metric.title.split(' (')[0]} than the reference (better)."
+        lines += [f"## {metric.title[0].upper() + metric.title[1:]}: paired difference to {reference}{d_unit}", "",
                   (f"strategy − {reference} on the same seeds, partitions and clients: estimate [95% CI]. "
                    f"**Bold** with * = the CI excludes 0.{better}"), "",
                   "| strategy | " + " | ".join(parts) + " |", "|---|" + "---|" * len(parts)]
@@ -230,7 +238,7 @@ def _metric_sections(rows: list[dict], references: list[str], metric: Metric) ->
                     cols.append("selected")
                     continue
                 d = paired(cells[(p, s)], cells[(p, reference)]) if (p, s) in cells and (p, reference) in cells else None
-                text = "–" if d is None else _ci(d["diff"], signed=True, scale=metric.scale)
+                text = "–" if d is None else _ci(d["diff"], signed=True, scale=metric.scale, digits=metric.digits)
                 cols.append(f"**{text}** *" if d is not None and d["significant"] else text)
             lines.append(f"| {s} | " + " | ".join(cols) + " |")
         lines.append("")
@@ -308,7 +316,7 @@ def _plot_metric(rows: list[dict], out: Path, references: list[str], metric: Met
             ax.grid(axis="x", alpha=0.3)
         axes[0][0].set_yticks(range(len(others)), others)
         axes[0][0].invert_yaxis()
-        fig.suptitle(f"{metric.title.capitalize()}: paired difference to {reference}, 95% CI bars "
+        fig.suptitle(f"{metric.title[0].upper() + metric.title[1:]}: paired difference to {reference}, 95% CI bars "
                      "(red: the CI excludes 0)" + ("; hollow square: the variant selected as the reference"
                                                    if chosen else ""), fontsize=9)
         fig.tight_layout()
