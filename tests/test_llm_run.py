@@ -79,6 +79,21 @@ def test_summary_perplexity_is_the_mean_of_exp_client_losses(zero_shot, local):
         assert f["per_client_loss"] == {k: last[k] for k in sorted(last, key=int)}
 
 
+def test_held_out_speakers_losses_are_in_the_summary_for_the_sweeps_cis(tmp_path, zero_shot):
+    """summary.json's unseen block carries each held-out speaker's reply NLL (the sweep's unseen CIs read
+    it): for the frozen model it is that speaker's loss in a run where it trained, and the unseen
+    perplexity mean is the mean of their exps."""
+    _, _, rows = zero_shot
+    summary, _ = _run(tmp_path / "held_out", **{"strategy.name": "zero_shot", "run.holdout_clients": 1,
+                                                              "run.clients_per_round": 3})
+    unseen = summary["unseen"]["per_client_loss"]
+    assert set(unseen) == {str(p) for p in summary["unseen"]["partition_ids"]} and len(unseen) == 1
+    for pid, loss in unseen.items():
+        assert abs(loss - rows[-1]["clients"][pid]["test_loss"]) < 1e-6
+    mean = float(np.mean([math.exp(v) for v in unseen.values()]))
+    assert abs(summary["final"]["unseen_perplexity_mean"] - mean) < 1e-6 * mean
+
+
 def test_local_training_lowers_each_speakers_loss_below_zero_shot(zero_shot, local):
     """The frozen model is the starting point of every adapter (LoRA B = 0): after three rounds of local
     training each speaker's reply loss must be below the untouched model's, on train and test data."""

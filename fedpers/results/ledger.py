@@ -240,6 +240,10 @@ class Ledger:
                 "partition_ids": self.unseen["partition_ids"],
                 "per_client": {str(k): v for k, v in sorted(unseen_acc.items())},
                 "failures": self.unseen["failures"],
+                # LLM runs: the held-out clients' mean NLL per reply token, read by the sweep's CIs
+                **({"per_client_loss": {str(k): v for k, v in sorted(
+                    (int(k), v) for k, v in (self.unseen.get("per_client_loss") or {}).items())}}
+                   if self.cfg.model.modality == "llm" else {}),
             },
             "failures": int(sum(r["num_failed"] + r["num_timed_out"] for r in self.rows)),
             "timed_out": int(sum(r["num_timed_out"] for r in self.rows)),
