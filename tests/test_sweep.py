@@ -158,18 +158,22 @@ def test_a_cell_stopped_after_a_round_continues_from_its_checkpoint(tmp_path, mo
     assert sweep.main([str(SMOKE), "--output-dir", str(whole), *grid]) == 0
     real, saved = checkpoint.save_checkpoint, []
 
-    def stop_after_round_1(cfg, server_round, *a, **k):
+    def record(cfg, server_round, *a, **k):
         real(cfg, server_round, *a, **k)
         saved.append(server_round)
-        if server_round == 1:
-            raise KeyboardInterrupt("stopped")  # as a session's end stops it: after round 1's checkpoint
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", stop_after_round_1)
+    def stop_in_round_2(cfg, server_round, *a, **k):
+        if server_round == 2:  # as a session's end stops it: in round 2, after round 1's checkpoint stood
+            raise KeyboardInterrupt("stopped")
+        record(cfg, server_round, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", stop_in_round_2)
     with pytest.raises(KeyboardInterrupt):
         sweep.main([str(SMOKE), "--output-dir", str(cut), *grid])
     cell = next(cut.rglob("checkpoint.pt")).parent
     assert saved == [1] and not (cell / "summary.json").exists()
     saved.clear()
+    monkeypatch.setattr(checkpoint, "save_checkpoint", record)
     with caplog.at_level("WARNING", logger="fedpers"):
         assert sweep.main([str(SMOKE), "--output-dir", str(cut), *grid]) == 0
     assert saved == [2] and "continues from its checkpoint" in caplog.text  # round 1 not trained again
