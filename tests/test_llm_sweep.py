@@ -25,9 +25,11 @@ def test_llm_grid_reports_perplexity_with_cis_and_both_references(tmp_path):
         final = json.loads((tmp_path / "out" / "speakers" / r["strategy"] / "seed0" / "summary.json").read_text())["final"]
         losses = list(final["per_client_loss"].values())
         assert abs(float(r["perplexity_mean"]) - sum(math.exp(v) for v in losses) / len(losses)) < 1e-9
+        assert abs(float(r["nll_mean"]) - sum(losses) / len(losses)) < 1e-12  # the mean of the logs, not the log
     text = (tmp_path / "out" / "table.md").read_text()
+    assert "## reply NLL (nats per token) by partition setting" in text
     assert "## perplexity by partition setting" in text and "next-token accuracy by partition setting" in text
     assert "Perplexity: paired difference to local" in text and "Perplexity: paired difference to zero_shot" in text
     plots = {p.name for p in (tmp_path / "out" / "plots").iterdir()}
-    assert {"perplexity_ci.png", "perplexity_vs_bytes.png", "paired_diff_perplexity.png",
+    assert {"perplexity_ci.png", "perplexity_vs_bytes.png", "nll_vs_bytes.png", "paired_diff_perplexity.png",
             "paired_diff_perplexity_zero_shot.png"} <= plots

@@ -167,6 +167,10 @@ def row_of(cell: Cell, status: str, error: str = "") -> dict:
     return row
 
 
+def _mean(per_client: dict | None) -> float | None:
+    return sum(per_client.values()) / len(per_client) if per_client else None
+
+
 def summary_fields(folder: Path) -> dict:
     """The runs.csv figures of a finished cell, from its summary.json."""
     s = json.loads((folder / "summary.json").read_text())
@@ -189,6 +193,9 @@ def summary_fields(folder: Path) -> dict:
         "perplexity_mean": f.get("perplexity_mean"),
         "perplexity_worst10": f.get("perplexity_worst10"),
         "unseen_perplexity_mean": f.get("unseen_perplexity_mean"),
+        # LLM cells: the mean over clients of the reply NLL per token (nats; the log of each client's
+        # perplexity), which one diverged client cannot carry as it can the perplexity mean
+        "nll_mean": _mean(f.get("per_client_loss")),
         # data.val_fraction > 0: the validation-best round and the test figures there
         **val_fields(s),
     }

@@ -13,7 +13,7 @@ COLUMNS = ["partition", "strategy", "seed", "status", "accuracy_mean", "accuracy
            "cross_eval_gap", "params_per_round", "bytes_per_round", "local_steps", "rounds", "wall_time_s", "output_dir",
            "error", "setting", "axis_value", "perplexity_mean", "perplexity_worst10", "unseen_perplexity_mean",
            "cross_eval_perplexity_gap", "accuracy_weighted", "val_criterion", "val_score", "val_best_round", "accuracy_at_best_val",
-           "perplexity_at_best_val"]
+           "perplexity_at_best_val", "nll_mean"]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -24,19 +24,20 @@ def write_csv(rows: list[dict], path: Path) -> None:
             w.writerow({c: r.get(c, "") for c in COLUMNS})
 
 
-def _fmt(vals: list, pct: bool = True) -> str:
+def _fmt(vals: list, pct: bool = True, digits: int = 1) -> str:
     v = [float(x) for x in vals if x not in (None, "") and not math.isnan(float(x))]
     if not v:
         return "–"
     k = 100.0 if pct else 1.0
-    return f"{k * np.mean(v):.1f} ± {k * np.std(v):.1f}"
+    return f"{k * np.mean(v):.{digits}f} ± {k * np.std(v):.{digits}f}"
 
 
 def _sci(x: float) -> str:
     return f"{x:.3g}" if x < 1e4 else f"{x:.2e}"
 
 
-def _pivot(ok: list[dict], parts: list[str], strats: list[str], key: str, name: str, pct: bool = True) -> list[str]:
+def _pivot(ok: list[dict], parts: list[str], strats: list[str], key: str, name: str, pct: bool = True,
+           digits: int = 1) -> list[str]:
     """One line per strategy, one column per partition setting: mean ± std over seeds of ``key``."""
     lines = [f"## {name} by partition setting{' (%)' if pct else ''}", "", "| strategy | bytes/round (down + up) | " + " | ".join(parts) + " |",
              "|---|---|" + "---|" * len(parts)]
@@ -44,7 +45,7 @@ def _pivot(ok: list[dict], parts: list[str], strats: list[str], key: str, name: 
         rs = [r for r in ok if r["strategy"] == s]
         if not rs:
             continue
-        cells = [_fmt([r.get(key) for r in rs if r["partition"] == p], pct) for p in parts]
+        cells = [_fmt([r.get(key) for r in rs if r["partition"] == p], pct, digits) for p in parts]
         lines.append(f"| {s} | {_sci(float(np.mean([r['bytes_per_round'] for r in rs])))} | " + " | ".join(cells) + " |")
     seeds = {(r["partition"], r["strategy"]): 0 for r in ok}
     for r in ok:
@@ -77,11 +78,15 @@ def write_table(rows: list[dict], path: Path, title: str, reference: str | list[
     llm = any(r.get("perplexity_mean") not in (None, "") for r in ok)
     if llm:  # LLM cells: perplexity first (not a percentage); their accuracy is next-token accuracy
         legend += (" LLM cells: perplexity = exp(mean NLL per reply token) per client, averaged over clients "
-                   "(lower is better; worst-10%: the highest); accuracy = next-token accuracy on reply tokens.")
+                   "(lower is better; worst-10%: the highest); reply NLL = the mean NLL per reply token per client "
+                   "(nats, the log of a client's perplexity), averaged over clients: one client whose adapter "
+                   "diverged can carry the perplexity mean, not the NLL mean; accuracy = next-token accuracy on "
+                   "reply tokens.")
         lines[2] = legend
-        for key, name in (("perplexity_mean", "perplexity"), ("perplexity_worst10", "worst-10% perplexity"),
-                          ("unseen_perplexity_mean", "unseen-client perplexity")):
-            lines += _pivot(ok, parts, strats, key, name, pct=False)
+        for key, name, digits in (("perplexity_mean", "perplexity", 1), ("nll_mean", "reply NLL (nats per token)", 3),
+                                  ("perplexity_worst10", "worst-10% perplexity", 1),
+                                  ("unseen_perplexity_mean", "unseen-client perplexity", 1)):
+            lines += _pivot(ok, parts, strats, key, name, pct=False, digits=digits)
         if any(r.get("cross_eval_perplexity_gap") not in (None, "") for r in ok):
             lines += _pivot(ok, parts, strats, "cross_eval_perplexity_gap", "cross-evaluation perplexity gap "
                             "(a speaker's model on the other speakers minus on its own; run.cross_eval)", pct=False)
@@ -163,6 +168,7 @@ def plot(rows: list[dict], out: Path) -> None:
     _vs_bytes(ok, parts, strats, out, "accuracy_mean", "next-token accuracy" if llm else "personalized accuracy")
     if llm:
         _vs_bytes(ok, parts, strats, out, "perplexity_mean", "perplexity")
+        _vs_bytes(ok, parts, strats, out, "nll_mean", "reply NLL (nats per token)")
 
 
 def _vs_bytes(ok: list[dict], parts: list[str], strats: list[str], out: Path, key: str, what: str) -> None:
@@ -204,7 +210,7 @@ def _vs_bytes(ok: list[dict], parts: list[str], strats: list[str], out: Path, ke
     handles = [plt.Line2D([], [], color=c, marker=m, linestyle="", markeredgecolor="black", markeredgewidth=0.4)
                for c, m in style.values()]
     fig.legend(handles, list(style), title="strategy", fontsize=7, title_fontsize=8, loc="center right")
-    fig.suptitle(f"{what.capitalize()} against communication, mean over seeds", fontsize=9)
+    fig.suptitle(f"{what[0].upper() + what[1:]} against communication, mean over seeds", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1 - 1.6 / (2.6 * len(parts) + 2), 1))
     name = key.removesuffix("_mean")
     fig.savefig(out / f"{name}_vs_bytes.png", dpi=120)
