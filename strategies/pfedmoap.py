@@ -134,15 +134,17 @@ def gate(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, t: dict[st
     return torch.softmax(score.masked_fill(~keep, -math.inf), dim=1)
 
 
-def moe_logits(feats: list[torch.Tensor], mask: torch.Tensor, t: dict[str, torch.Tensor], lmbda: float, scaling: float):
-    """feats[0]: own features (N, D), feats[1..K]: experts'; mask (K,) marks real experts."""
+def moe_logits(feats: list[torch.Tensor], mask: torch.Tensor, t: dict[str, torch.Tensor], lmbda: float, scaling: float,
+               moe_weight: float = 1.0):
+    """feats[0]: own features (N, D), feats[1..K]: experts'; mask (K,) marks real experts. ``lmbda * local +
+    moe_weight * MoE`` (pFedMoAP: moe_weight 1; its convex variant: 1 - lmbda)."""
     local = F.linear(feats[0], t["head.weight"], t["head.bias"])
     if not bool(mask.any()):
         return local
     stack = torch.stack(feats, 1)  # (N, K+1, D)
     g = gate(feats[0], stack, mask, t, scaling)
     mixed = torch.einsum("ne,ned->nd", g, stack)
-    return lmbda * local + F.linear(mixed, t["head.weight"], t["head.bias"])
+    return lmbda * local + moe_weight * F.linear(mixed, t["head.weight"], t["head.bias"])
 
 
 @register_strategy
@@ -153,6 +155,12 @@ class PFedMoAP(Averaging):
     config_cls = PFedMoAPConfig
     sends = ("prompts",)
     personal = HEAD + GATE
+
+    @classmethod
+    def weights(cls, c) -> tuple[float, float]:
+        """(local, mixture) weights of the final logits: the paper's ``lambda * logits_local + logits_MoE``
+        (official ``CustomCLIP.forward``, ``trainers/pfedmoap.py`` 234)."""
+        return float(c.lmbda), 1.0
 
     @classmethod
     def broadcast_shapes(cls, config, *, num_clients, shapes):
@@ -237,7 +245,8 @@ class PFedMoAP(Averaging):
             for e in range(mask.shape[0]):
                 feats.append(ctx.model.features_with(tokens, {**t, "prompts": t["experts"][e]}) if mask[e] > 0
                              else torch.zeros_like(feats[0]))
-        return moe_logits(feats, mask, t, float(c.lmbda), float(c.scaling))
+        lam, w = cls.weights(c)
+        return moe_logits(feats, mask, t, lam, float(c.scaling), w)
 
     @classmethod
     def client_update(cls, ctx, received, state):
@@ -303,7 +312,8 @@ class PFedMoAP(Averaging):
         g = gate(query, torch.stack(keys, 1), mask, t, float(c.scaling))  # (N, K+1), one row per reply
         row = batch.target[:, 1:].nonzero(as_tuple=True)[0].to(own.device)  # the reply of each target position
         mixed = torch.einsum("me,emd->md", g[row], torch.stack(hs))
-        return float(c.lmbda) * local + model.lm_head(mixed).float(), y
+        lam, w = cls.weights(c)
+        return lam * local + w * model.lm_head(mixed).float(), y
 
     @classmethod
     def client_update_llm(cls, ctx, received, tensors, trainable):
@@ -361,6 +371,36 @@ class PFedMoAP(Averaging):
             if not weights:  # the first step reads the contexts' last tokens: the gate of the module docstring
                 weights.append(gate(model.frozen_states(ids, attn, last), stack, mask, t, float(c.scaling)))
             mixed = torch.einsum("ne,ned->nd", weights[0], stack)
-            return float(c.lmbda) * model.lm_head(hs[0]) + model.lm_head(mixed)
+            lam, w = cls.weights(c)
+            return lam * model.lm_head(hs[0]) + w * model.lm_head(mixed)
 
         return model.generate(examples, t, max_new_tokens=ctx.cfg.model.llm.max_new_tokens, step_logits=step)
+
+
+@dataclass
+class PFedMoAPConvexConfig(PFedMoAPConfig):
+    name: str = "pfedmoap_convex"
+    lmbda: float = 0.5  # weight of the local logits; the mixture's is 1 - lmbda (lmbda = 1: the local logits alone)
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.lmbda <= 1, "lmbda", f"must be in [0, 1] (the mixture's weight is 1 - lmbda), got {self.lmbda}")
+
+
+@register_strategy
+class PFedMoAPConvex(PFedMoAP):
+    """pFedMoAP with a convex combination of the final logits, ``lambda * logits_local + (1 - lambda) *
+    logits_MoE``, instead of the paper's ``lambda * logits_local + logits_MoE``; everything else is
+    :class:`PFedMoAP`'s. Not the paper's method (hence its own name): the paper's sum weighs the logits by
+    lambda + 1 in all, which on a causal LM's next-token logits acts as a softmax temperature of
+    1 / (1 + lambda) (sharper than the model's own distribution where own and mixture agree), while CLIP's
+    cosine logits pass through a learned scale that absorbs it. The convex form keeps the logits' scale,
+    so the two isolate what the sum itself costs."""
+
+    name = "pfedmoap_convex"
+    summary = "pFedMoAP with convex final logits, lambda * local + (1 - lambda) * MoE (a named variant; the paper sums them)"
+    config_cls = PFedMoAPConvexConfig
+
+    @classmethod
+    def weights(cls, c) -> tuple[float, float]:
+        return float(c.lmbda), 1.0 - float(c.lmbda)

@@ -13,6 +13,7 @@ import torch
 
 from fedpers.experiment import load_config
 from fedpers.rounds.server import build_strategy, run_server
+from strategies import get_strategy_class
 from strategies.feddpa import LOCAL, REF, FedDPA
 from strategies.lora_fold import a_of, b_of, factor_names, fold_of, lora_scaling, modules
 from tests.llm_helpers import llm_tiny_overrides
@@ -143,12 +144,14 @@ def test_pfedmoap_runs_on_llm_with_soft_prompt_experts(tmp_path):
     assert all({"gate.q", "gate.k"} <= set(s) for s in t.states.values())
 
 
-def test_pfedmoap_llm_loss_is_the_gated_mixture_of_expert_logits(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["pfedmoap", "pfedmoap_convex"])
+def test_pfedmoap_llm_loss_is_the_gated_mixture_of_expert_logits(tmp_path, monkeypatch, name):
     """The reported test loss, written out by hand: the query is the frozen model's own last context state
     (transformers' model, no prompt, the context alone), keys the experts' states at that token, one gate
     per reply, lambda * own logits + the gated mixture of every expert's logits at each reply token; the
     gate's inputs are checked directly (the loss barely moves with the query on a random tiny model).
-    Bypassing the mixture (no experts) gives another loss."""
+    Bypassing the mixture (no experts) gives another loss. The convex variant weighs the mixture by
+    1 - lambda where the paper's sum weighs it by 1 (and its loss is not the sum's)."""
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
@@ -157,8 +160,9 @@ def test_pfedmoap_llm_loss_is_the_gated_mixture_of_expert_logits(tmp_path, monke
     from strategies.pfedmoap import PFedMoAP
     from tests.llm_helpers import tiny_llm_folder
 
-    ctx = _ctx(tmp_path, "pfedmoap", "prompt", **{"strategy.num_experts": 2})
+    ctx = _ctx(tmp_path, name, "prompt", **{"strategy.num_experts": 2})
     model, c = ctx.model, ctx.cfg.strategy
+    moe_weight = {"pfedmoap": 1.0, "pfedmoap_convex": 1.0 - c.lmbda}[name]
     k, d = ctx.shapes["prompts"]
     g = torch.Generator().manual_seed(0)
     t = start_tensors(ctx, {}, {})
@@ -183,7 +187,7 @@ def test_pfedmoap_llm_loss_is_the_gated_mixture_of_expert_logits(tmp_path, monke
             w = torch.softmax(score, 0)
             assert w.max() < 0.99  # the gate spreads over the experts
             rows = torch.arange(p - 1, int(batch.lengths[0]) - 1)  # positions predicting the reply's tokens
-            logits = c.lmbda * hf.lm_head(hs[0][rows]) + sum(w[e] * hf.lm_head(hs[e][rows]) for e in range(3))
+            logits = c.lmbda * hf.lm_head(hs[0][rows]) + moe_weight * sum(w[e] * hf.lm_head(hs[e][rows]) for e in range(3))
             nll += float(F.cross_entropy(logits, batch.ids[0, rows + 1], reduction="sum"))
             tokens += len(rows)
     seen = []
@@ -194,15 +198,18 @@ def test_pfedmoap_llm_loss_is_the_gated_mixture_of_expert_logits(tmp_path, monke
         return real_gate(query, keys, *args)
 
     monkeypatch.setattr(pfedmoap, "gate", recording_gate)
-    loss, _ = PFedMoAP.evaluate_model(ctx, t)
+    strategy = get_strategy_class(name)
+    loss, _ = strategy.evaluate_model(ctx, t)
     assert loss == pytest.approx(nll / tokens, rel=0, abs=1e-4)
     # the gate read the frozen model's context state as its query and the experts' as its keys, row by row
     order = torch.argsort(model.prepare(EXAMPLES).lengths, stable=True)  # the evaluation's by_length order
     (got_q, got_k), *_ = seen
     torch.testing.assert_close(got_q, torch.stack(queries)[order], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_k, torch.stack(keys)[order], rtol=1e-4, atol=1e-5)
-    bypass, _ = PFedMoAP.evaluate_model(ctx, {**t, "expert_mask": torch.zeros(2)})
-    assert abs(bypass - loss) > 1e-2, (bypass, loss)
+    # not vacuous: bypassing the mixture (the paper's sum) or summing it (the convex variant) moves the loss
+    other = (strategy.evaluate_model(ctx, {**t, "expert_mask": torch.zeros(2)}) if name == "pfedmoap"
+             else PFedMoAP.evaluate_model(ctx, t))[0]
+    assert abs(other - loss) > 1e-2, (other, loss)
 
 
 def test_pfedmoap_on_llm_refuses_prefixes_naming_the_field(tmp_path):
@@ -212,13 +219,15 @@ def test_pfedmoap_on_llm_refuses_prefixes_naming_the_field(tmp_path):
         load_config(None, llm_tiny_overrides(tmp_path, "prefix", **{"strategy.name": "pfedmoap"}))
 
 
-def test_pfedmoap_llm_generation_decodes_from_the_scored_mixture(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["pfedmoap", "pfedmoap_convex"])
+def test_pfedmoap_llm_generation_decodes_from_the_scored_mixture(tmp_path, monkeypatch, name):
     """The generations' first step gives the same next-token logits as the scored mixture at each reply's
     first token (gate from the context, lambda * own + gated experts), not the own prompt's alone."""
     from fedpers.client import start_tensors
     from strategies.pfedmoap import PFedMoAP
 
-    ctx = _ctx(tmp_path, "pfedmoap", "prompt", **{"strategy.num_experts": 2})
+    ctx = _ctx(tmp_path, name, "prompt", **{"strategy.num_experts": 2})
+    strategy = get_strategy_class(name)
     model = ctx.model
     k, d = ctx.shapes["prompts"]
     g = torch.Generator().manual_seed(1)
@@ -232,7 +241,7 @@ def test_pfedmoap_llm_generation_decodes_from_the_scored_mixture(tmp_path, monke
         "generate",
         lambda ex, tensors, max_new_tokens, step_logits: captured.update(step=step_logits) or [""] * len(ex),
     )
-    PFedMoAP.generate(ctx, t, EXAMPLES)
+    strategy.generate(ctx, t, EXAMPLES)
     prompts = [model.chat.prompt_ids(ex["context"]) for ex in EXAMPLES]
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -242,7 +251,7 @@ def test_pfedmoap_llm_generation_decodes_from_the_scored_mixture(tmp_path, monke
     with torch.no_grad():
         first = captured["step"](ids, mask, torch.tensor([len(p) - 1 for p in prompts]))
         batch = model.prepare(EXAMPLES)
-        scored, _ = PFedMoAP._lm_logits(ctx, batch, t)
+        scored, _ = strategy._lm_logits(ctx, batch, t)
         own = model.lm_head(model.states(batch, t)[0]).float()
     starts = torch.cat([torch.zeros(1, dtype=torch.long), batch.target[:, 1:].sum(1).cumsum(0)[:-1]])
     torch.testing.assert_close(first.float(), scored[starts], rtol=1e-4, atol=1e-4)

@@ -44,6 +44,25 @@ def test_mixture_follows_the_gate():
     torch.testing.assert_close(out, 0.5 * own + far, atol=1e-4, rtol=0)
 
 
+def test_convex_variant_weighs_the_mixture_by_one_minus_lambda_and_the_paper_by_one():
+    """pfedmoap sums lambda * local + MoE; pfedmoap_convex takes lambda * local + (1 - lambda) * MoE: on the
+    same features and gate, the two differ by exactly lambda * MoE, and lambda = 1 leaves the local logits."""
+    from strategies.pfedmoap import PFedMoAP, PFedMoAPConvex
+
+    g = torch.Generator().manual_seed(0)
+    t = {"head.weight": torch.randn(3, 4, generator=g), "head.bias": torch.randn(3, generator=g),
+         "gate.q": torch.randn(4, 2, generator=g), "gate.k": torch.randn(4, 2, generator=g)}
+    feats = [torch.randn(5, 4, generator=g) for _ in range(3)]
+    mask, lam = torch.ones(2), 0.3
+    local = feats[0] @ t["head.weight"].T + t["head.bias"]
+    paper = moe_logits(feats, mask, t, lam, 10.0, PFedMoAP.weights(get_config_cls("pfedmoap")(lmbda=lam))[1])
+    convex = moe_logits(feats, mask, t, lam, 10.0, PFedMoAPConvex.weights(get_config_cls("pfedmoap_convex")(lmbda=lam))[1])
+    moe = paper - lam * local  # the mixture's logits, from the paper's sum
+    torch.testing.assert_close(convex, lam * local + (1 - lam) * moe)
+    assert not torch.allclose(convex, paper, atol=1e-3)
+    torch.testing.assert_close(moe_logits(feats, mask, t, 1.0, 10.0, 0.0), local)
+
+
 def test_gate_stays_local_and_experts_are_other_clients_uploads(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path / "moap", **{"strategy.name": "pfedmoap", "strategy.num_experts": 2}))
     t = Spy(cfg)
