@@ -156,7 +156,7 @@ def test_pfedmoap_llm_loss_is_the_gated_mixture_of_expert_logits(tmp_path, monke
     from transformers import AutoModelForCausalLM
 
     from fedpers.client import start_tensors
-    from strategies import pfedmoap
+    from strategies import pfedmoap_llm
     from strategies.pfedmoap import PFedMoAP
     from tests.llm_helpers import tiny_llm_folder
 
@@ -191,13 +191,13 @@ def test_pfedmoap_llm_loss_is_the_gated_mixture_of_expert_logits(tmp_path, monke
             nll += float(F.cross_entropy(logits, batch.ids[0, rows + 1], reduction="sum"))
             tokens += len(rows)
     seen = []
-    real_gate = pfedmoap.gate
+    real_gate = pfedmoap_llm.gate
 
     def recording_gate(query, keys, *args):
         seen.append((query.detach().clone(), keys.detach().clone()))
         return real_gate(query, keys, *args)
 
-    monkeypatch.setattr(pfedmoap, "gate", recording_gate)
+    monkeypatch.setattr(pfedmoap_llm, "gate", recording_gate)
     strategy = get_strategy_class(name)
     loss, _ = strategy.evaluate_model(ctx, t)
     assert loss == pytest.approx(nll / tokens, rel=0, abs=1e-4)
