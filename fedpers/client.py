@@ -8,21 +8,23 @@ its linear head (``head.weight``, ``head.bias``). Each round it starts every ten
 server sent, else from its personal state, else from a seeded initialisation; trains; and returns
 only ``delta/<name>`` = trained - received for the tensors it was sent. The strategy decides what is
 sent and what is kept (``Strategy.sends`` / ``Strategy.personal``) and may change the local objective
-by overriding ``Strategy.client_update``; the building blocks it needs live here.
+by overriding ``Strategy.client_update``; the building blocks it needs live here (a causal LM's
+training loop, scoring and generations in :mod:`fedpers.client_llm`, re-exported here).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedpers.models import cache
+from fedpers.client_llm import fit_llm, lm_scores, write_generations
 from fedpers.config import ExperimentConfig
 from fedpers.data import ClientData, build_federated, get_dataset_info
+from fedpers.models import cache
 from fedpers.models.backbones import adapter_shapes, load_model
 from fedpers.models.prompted import backbone_from_config
 from fedpers.payload import DTYPE, Reply
@@ -307,7 +309,7 @@ def fit(
     g = ctx.generator(*((salt,) if salt else ()))
     data = ctx.data
     if ctx.model.modality == "llm":
-        return _fit_llm(ctx, tensors, names, opt, g, limit, extra_loss, view)
+        return fit_llm(ctx, tensors, names, opt, g, limit, extra_loss, view)
     frozen = cacheable(tensors)
     tokens = batch_tokens(ctx, data.x_train) if frozen else None
     x_train = None if frozen else ctx.model.prepare(data.x_train)
@@ -339,45 +341,6 @@ def fit(
     for n in names:
         tensors[n] = tensors[n].detach()
     return losses
-
-
-def _fit_llm(ctx, tensors, names, opt, g, limit, extra_loss, view) -> list[float]:
-    """:func:`fit` for a causal LM: the next-token loss on the reply tokens only (the context masked),
-    mini-batches drawn exactly as for the other modalities."""
-    prepared = ctx.model.prepare(ctx.data.x_train)
-    n, b = ctx.data.num_train, ctx.cfg.client.batch_size
-    losses: list[float] = []
-    while len(losses) < limit:
-        order = torch.randperm(n, generator=g)
-        for i in range(0, n, b):
-            if len(losses) == limit:
-                break
-            used = view(tensors) if view is not None else tensors
-            loss = ctx.model.lm_loss(prepared.select(order[i : i + b]), used)
-            if extra_loss is not None:
-                loss = loss + extra_loss(tensors)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    for k in names:
-        tensors[k] = tensors[k].detach()
-    return losses
-
-
-@torch.no_grad()
-def lm_scores(ctx: ClientContext, tensors: dict[str, torch.Tensor], examples: list | None = None,
-              prepared=None) -> tuple[float, float, int]:
-    """(mean NLL per target token, next-token accuracy, target tokens) of a causal LM client on its
-    test split (or ``examples``). Token-weighted: perplexity is ``exp`` of the first number."""
-    batch = prepared if prepared is not None else ctx.model.prepare(ctx.data.x_test if examples is None else examples)
-    nll = tokens = correct = 0
-    for part in batch.by_length(max(1, ctx.cfg.client.batch_size)):
-        a, n, c = ctx.model.token_stats(part, tensors)
-        nll, tokens, correct = nll + a, tokens + n, correct + c
-    if tokens == 0:
-        return float("nan"), float("nan"), 0
-    return float(nll / tokens), float(correct / tokens), int(tokens)
 
 
 @torch.no_grad()
@@ -445,33 +408,6 @@ def validation_metrics(ctx: ClientContext, tensors: dict[str, torch.Tensor],
         return {}
     loss, acc = result if result is not None else (ctx.scorer or evaluate)(ctx.validation(), tensors)
     return {"val_loss": float(loss), "val_accuracy": float(acc), "num_val": float(len(ctx.data.y_val))}
-
-
-def write_generations(ctx: ClientContext, tensors: dict[str, torch.Tensor], examples: list | None = None,
-                      generate: Callable[[list], list[str]] | None = None) -> None:
-    """Greedy replies of a causal-LM client to its first ``model.llm.generations`` test examples, written
-    (context, reference, generated) to ``<output_dir>/generations/client_<id>.jsonl`` from the last
-    training round on, so a reader sees what personalization does to each speaker's replies. Simulation
-    only: a deployed client's results folder is not the server's."""
-    import json
-    from pathlib import Path
-
-    m = ctx.cfg.model.llm
-    if m.generations <= 0 or ctx.server_round < ctx.cfg.run.rounds:
-        return
-    out = Path(ctx.cfg.run.output_dir)
-    if not out.is_dir():
-        return
-    chosen = (ctx.data.x_test if examples is None else examples)[: m.generations]
-    replies = (generate(list(chosen)) if generate is not None
-               else ctx.model.generate(list(chosen), tensors, max_new_tokens=m.max_new_tokens))
-    folder = out / "generations"
-    folder.mkdir(exist_ok=True)
-    rows = [{"round": ctx.server_round, "context": e["context"], "reference": e["target"], "generated": r}
-            for e, r in zip(chosen, replies)]
-    tmp = folder / f".client_{ctx.partition_id}.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(folder / f"client_{ctx.partition_id}.jsonl")
 
 
 CROSS_EVAL_STASH = "cross_eval/"  # state prefix of the model a client last evaluated itself with
