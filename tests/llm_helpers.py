@@ -78,3 +78,30 @@ def llm_tiny_overrides(out_dir, adapter: str = "lora", **extra) -> list[str]:
     }
     llm.update(extra)
     return tiny_overrides(out_dir, **llm)
+
+
+# ---- a tiny PeftCausalLM and its inputs, shared by the llm-modality test files ----------------------------
+SYSTEM = "be brief ."
+ADAPTERS = ("prompt", "prefix", "lora")
+EXAMPLES = [
+    {"context": [{"role": "user", "content": "hello there how are you today"},
+                 {"role": "assistant", "content": "i am fine thank you"},
+                 {"role": "user", "content": "what is the capital of france"}],
+     "target": "paris is the capital of france"},
+    {"context": [{"role": "user", "content": "tell me about the weather"}], "target": "it is sunny"},
+    {"context": [{"role": "user", "content": "do you like pizza or pasta"}], "target": "i like pizza with cheese"},
+]
+
+
+def tiny_model(adapter: str, context_tokens: int = 40, target_tokens: int = 8, layers: int = 2, **kw):
+    from fedpers.models.llm import PeftCausalLM
+
+    tok = tiny_tokenizer()
+    return PeftCausalLM(tiny_llama(len(tok), layers=layers), tok, adapter, num_prompts=3, r=4, alpha=8.0,
+                        context_tokens=context_tokens, target_tokens=target_tokens, system_prompt=SYSTEM, **kw)
+
+
+def random_tensors(m, seed: int = 0, scale: float = 0.3) -> dict[str, torch.Tensor]:
+    """Non-trivial client tensors (LoRA B is zero at init, which would hide the adapter)."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in m.read_tensors().items()}
