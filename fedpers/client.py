@@ -9,7 +9,7 @@ server sent, else from its personal state, else from a seeded initialisation; tr
 only ``delta/<name>`` = trained - received for the tensors it was sent. The strategy decides what is
 sent and what is kept (``Strategy.sends`` / ``Strategy.personal``) and may change the local objective
 by overriding ``Strategy.client_update``; the building blocks it needs live here (a causal LM's
-training loop, scoring and generations in :mod:`fedpers.client_llm`, re-exported here).
+mini-batch loss, scoring and generations in :mod:`fedpers.client_llm`, re-exported here).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedpers.client_llm import fit_llm, lm_scores, write_generations
+from fedpers.client_llm import lm_batch_loss, lm_scores, write_generations
 from fedpers.config import ExperimentConfig
 from fedpers.data import ClientData, build_federated, get_dataset_info
 from fedpers.models import cache
@@ -308,30 +308,16 @@ def fit(
     opt = local_optimizer([tensors[n] for n in names], c)
     g = ctx.generator(*((salt,) if salt else ()))
     data = ctx.data
-    if ctx.model.modality == "llm":
-        return fit_llm(ctx, tensors, names, opt, g, limit, extra_loss, view)
-    frozen = cacheable(tensors)
-    tokens = batch_tokens(ctx, data.x_train) if frozen else None
-    x_train = None if frozen else ctx.model.prepare(data.x_train)
-    # Head-only training: the backbone's output is fixed, so compute it once (exact; see fedpers.models.cache).
-    head_only = frozen and view is None and not any(k in names for k in non_head_tensors(tensors))
-    feats = frozen_features(ctx, data.x_train, tensors) if head_only else None
-    n = data.num_train
+    batch_loss = (lm_batch_loss(ctx) if ctx.model.modality == "llm"
+                  else _classification_batch_loss(ctx, tensors, names, view))
+    n, b = data.num_train, c.batch_size
     losses: list[float] = []
     while len(losses) < limit:
         order = torch.randperm(n, generator=g)
-        for i in range(0, n, c.batch_size):
+        for i in range(0, n, b):
             if len(losses) == limit:
                 break
-            idx = order[i : i + c.batch_size]
-            used = view(tensors) if view is not None else tensors
-            if feats is not None:
-                out = head_logits(feats[idx], used)
-            elif tokens is not None:
-                out = token_logits(ctx, tokens(idx), used)
-            else:
-                out = logits(ctx, x_train[idx], used)
-            loss = F.cross_entropy(out, data.y_train[idx])
+            loss = batch_loss(order[i : i + b], view(tensors) if view is not None else tensors)
             if extra_loss is not None:
                 loss = loss + extra_loss(tensors)
             opt.zero_grad(set_to_none=True)
@@ -341,6 +327,29 @@ def fit(
     for n in names:
         tensors[n] = tensors[n].detach()
     return losses
+
+
+def _classification_batch_loss(ctx: ClientContext, tensors: dict[str, torch.Tensor], names: list[str],
+                               view) -> Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
+    """Cross-entropy of the head's logits on a mini-batch, through the exact frozen caches where they apply."""
+    data = ctx.data
+    frozen = cacheable(tensors)
+    tokens = batch_tokens(ctx, data.x_train) if frozen else None
+    x_train = None if frozen else ctx.model.prepare(data.x_train)
+    # Head-only training: the backbone's output is fixed, so compute it once (exact; see fedpers.models.cache).
+    head_only = frozen and view is None and not any(k in names for k in non_head_tensors(tensors))
+    feats = frozen_features(ctx, data.x_train, tensors) if head_only else None
+
+    def loss(idx: torch.Tensor, used: dict[str, torch.Tensor]) -> torch.Tensor:
+        if feats is not None:
+            out = head_logits(feats[idx], used)
+        elif tokens is not None:
+            out = token_logits(ctx, tokens(idx), used)
+        else:
+            out = logits(ctx, x_train[idx], used)
+        return F.cross_entropy(out, data.y_train[idx])
+
+    return loss
 
 
 @torch.no_grad()

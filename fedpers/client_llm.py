@@ -1,6 +1,6 @@
-"""The causal-LM blocks of a client's round (``model.modality=llm``): the next-token training loop,
-token-weighted scoring and the greedy generations written after the last round. :mod:`fedpers.client`
-calls them (and re-exports :func:`lm_scores` and :func:`write_generations`)."""
+"""The causal-LM blocks of a client's round (``model.modality=llm``): the mini-batch loss that
+:func:`fedpers.client.fit`'s one training loop runs for a causal LM, token-weighted scoring and the greedy
+generations written after the last round (:mod:`fedpers.client` re-exports the last two)."""
 
 from __future__ import annotations
 
@@ -13,28 +13,10 @@ if TYPE_CHECKING:
     from fedpers.client import ClientContext
 
 
-def fit_llm(ctx: ClientContext, tensors, names, opt, g, limit, extra_loss, view) -> list[float]:
-    """:func:`fit` for a causal LM: the next-token loss on the reply tokens only (the context masked),
-    mini-batches drawn exactly as for the other modalities."""
+def lm_batch_loss(ctx: ClientContext) -> Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]:
+    """A causal LM's mini-batch loss: the next-token loss on the reply tokens only (the context masked)."""
     prepared = ctx.model.prepare(ctx.data.x_train)
-    n, b = ctx.data.num_train, ctx.cfg.client.batch_size
-    losses: list[float] = []
-    while len(losses) < limit:
-        order = torch.randperm(n, generator=g)
-        for i in range(0, n, b):
-            if len(losses) == limit:
-                break
-            used = view(tensors) if view is not None else tensors
-            loss = ctx.model.lm_loss(prepared.select(order[i : i + b]), used)
-            if extra_loss is not None:
-                loss = loss + extra_loss(tensors)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    for k in names:
-        tensors[k] = tensors[k].detach()
-    return losses
+    return lambda idx, used: ctx.model.lm_loss(prepared.select(idx), used)
 
 
 @torch.no_grad()
