@@ -104,8 +104,6 @@ def first_in_order(order: list[int], pool: dict[int, np.ndarray], pid: int, k: i
     return [p for p in order if p in pool and p != pid][:k]
 
 
-
-
 def moe_logits(feats: list[torch.Tensor], mask: torch.Tensor, t: dict[str, torch.Tensor], lmbda: float, scaling: float,
                moe_weight: float = 1.0):
     """feats[0]: own features (N, D), feats[1..K]: experts'; mask (K,) marks real experts. ``lmbda * local +
